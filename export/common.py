@@ -1,0 +1,248 @@
+"""What every exporter shares: command-line arguments, model loading with its checks, the graph
+specs of a bundle, the shapes each graph is validated at, and the validation checklist."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dcae_edge.compare import compare, describe, passes
+
+from .bundle import BundleError, new_manifest, read_manifest
+from .specs import GraphSpec, transformer_spec, vae_decoder_spec, vae_encoder_spec
+
+LATENT_CHANNELS = {"f32": 32, "f64": 128, "f128": 512}
+COMPRESSION = {"f32": 32, "f64": 64, "f128": 128}
+DEFAULT_RESOLUTION = {"f32": 512, "f64": 512, "f128": 512}
+
+
+class ExportError(RuntimeError):
+    """Export refused or failed validation; nothing was written."""
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--variant", required=True, help="f32 | f64 | f128")
+    ap.add_argument("--weights", default=None,
+                    help="autoencoder: anything load_autoencoder takes (default: the bundled edge weights; 'random' = random init)")
+    ap.add_argument("--denoiser", default=None, help="denoiser .safetensors (default: the bundled one when it fits); 'none' to skip")
+    ap.add_argument("--out", default=None, help="bundle folder (default exports/<variant>)")
+    ap.add_argument("--resolution", type=int, default=None, help="export resolution in pixels (default 512)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--static", action="store_true", help="fixed shapes: batch 1 (denoiser: 2 for CFG), one resolution")
+    g.add_argument("--dynamic", action="store_true", help="dynamic batch, height, width (default)")
+    ap.add_argument("--graphs", nargs="+", default=None, help="subset of vae_encoder vae_decoder transformer")
+
+
+def notice(msg: str) -> None:
+    print(f"\n!!! {msg}\n", flush=True)
+
+
+def load_models(args) -> tuple:
+    """(autoencoder, ae_info, denoiser or None, dn_info) with every consistency check."""
+    import torch
+
+    from dcae_edge.checkpoints import CheckpointError, bundled_weights_path, load_autoencoder, model_fingerprint
+    from dcae_edge.presets import VARIANT_ALIASES
+
+    variant = args.variant
+    if variant not in LATENT_CHANNELS:
+        raise ExportError(f"unknown --variant {variant!r}: choose one of {', '.join(LATENT_CHANNELS)}")
+    weights = args.weights
+    random_weights = False
+    if weights in (None, "random"):
+        if weights is None and bundled_weights_path(variant) is not None:
+            weights = variant
+        else:
+            random_weights = True
+            if weights is None:
+                notice(f"no bundled weights for {variant} yet: exporting a RANDOMLY INITIALISED {VARIANT_ALIASES[variant]} "
+                       "(its outputs are meaningless; pass --weights to export a trained model)")
+            weights = f"random:{VARIANT_ALIASES[variant]}"
+    torch.manual_seed(0)
+    try:
+        ae = load_autoencoder(weights)
+    except (CheckpointError, KeyError) as e:
+        raise ExportError(str(e)) from None
+    if ae.config.latent_channels != LATENT_CHANNELS[variant] or ae.spatial_compression != COMPRESSION[variant]:
+        raise ExportError(f"--weights {weights} is an f{ae.spatial_compression}c{ae.config.latent_channels} model "
+                          f"({ae.config.name}) but --variant {variant} expects f{COMPRESSION[variant]}c{LATENT_CHANNELS[variant]}")
+    ae_info = {"source": weights, "name": ae.config.name, "fingerprint": model_fingerprint(ae), "config": ae.config.to_dict(),
+               "scaling_factor": ae.scaling_factor, "spatial_compression": ae.spatial_compression,
+               "random_weights": random_weights}
+    if random_weights:
+        ae_info["warning"] = "randomly initialised weights: outputs are meaningless"
+
+    dn, dn_info = None, None
+    res = args.resolution or DEFAULT_RESOLUTION[variant]
+    if args.denoiser != "none" and ("transformer" in (args.graphs or ["transformer"])):
+        from dcae_edge.denoiser import load_denoiser
+
+        explicit = args.denoiser is not None
+        path = Path(args.denoiser) if explicit else Path(__file__).resolve().parents[1] / "dcae_edge" / "weights" / f"dit-{variant}.safetensors"
+        if path.is_file():
+            try:
+                dn, meta = load_denoiser(path)
+            except CheckpointError as e:
+                raise ExportError(str(e)) from None
+            problem = None
+            if dn.config.in_channels != ae.config.latent_channels:
+                problem = f"it takes {dn.config.in_channels}-channel latents, the autoencoder makes {ae.config.latent_channels}"
+            elif dn.config.input_size * ae.spatial_compression != res:
+                problem = (f"it works on {dn.config.input_size}x{dn.config.input_size} latents "
+                           f"({dn.config.input_size * ae.spatial_compression}px), not {res}px")
+            elif meta.get("autoencoder_fingerprint") and meta["autoencoder_fingerprint"] != ae_info["fingerprint"]:
+                problem = "it was trained on latents of other autoencoder weights"
+            if problem:
+                if explicit:
+                    raise ExportError(f"--denoiser {path}: {problem}")
+                notice(f"bundled denoiser {path.name} not exported: {problem}")
+                dn = None
+            else:
+                dn_info = {"source": str(path), "name": dn.config.name, "fingerprint": model_fingerprint(dn),
+                           "config": dn.config.to_dict(), "class_names": meta.get("class_names", []),
+                           "latent_scaling_factor": float(meta.get("latent_scaling_factor", ae.scaling_factor)),
+                           "sampler": "euler" if dn.config.prediction == "flow" else "dpm++2m"}
+        elif explicit:
+            raise ExportError(f"--denoiser {path}: no such file")
+    return ae, ae_info, dn, dn_info
+
+
+def resolve_resolution(args, ae) -> int:
+    res = args.resolution or DEFAULT_RESOLUTION[args.variant]
+    f = ae.spatial_compression
+    if res <= 0 or res % f:
+        raise ExportError(f"--resolution {res} is not a positive multiple of the compression factor {f} "
+                          f"(try {max(f, round(res / f) * f)})")
+    return res
+
+
+def build_specs(ae, dn, res: int, graphs: list[str] | None) -> list[GraphSpec]:
+    wanted = graphs or ["vae_encoder", "vae_decoder", "transformer"]
+    for g in wanted:
+        if g not in ("vae_encoder", "vae_decoder", "transformer"):
+            raise ExportError(f"unknown graph {g!r}: choose from vae_encoder vae_decoder transformer")
+    specs = []
+    if "vae_encoder" in wanted:
+        specs.append(vae_encoder_spec(ae, res))
+    if "vae_decoder" in wanted:
+        specs.append(vae_decoder_spec(ae, res))
+    if "transformer" in wanted:
+        if dn is not None:
+            specs.append(transformer_spec(dn))
+        elif graphs and "transformer" in graphs:
+            raise ExportError("--graphs transformer asked, but no denoiser is available for this variant (pass --denoiser)")
+    return specs
+
+
+def export_sizes(spec: GraphSpec, res: int) -> dict[str, int]:
+    if spec.name == "transformer":
+        return {"batch": 2}
+    unit = res // spec.spatial_scale
+    return {"batch": 1, "height": unit, "width": unit}
+
+
+def validation_sizes(spec: GraphSpec, res: int, dynamic: bool) -> list[dict[str, int]]:
+    """The export shape, plus (dynamic graphs) an unseen batch and non-square size that keeps every
+    attention stage on the branch it was traced with."""
+    first = export_sizes(spec, res)
+    if not dynamic:
+        return [first]
+    if spec.name == "transformer":
+        return [first, {"batch": 4}]
+    unit = res // spec.spatial_scale
+    step = spec.meta["spatial_compression"] // spec.spatial_scale  # one latent cell
+    want = [s["linear"] for s in spec.attention_stages]
+    for h, w in ((unit - step, unit + step), (unit + step, unit + 2 * step), (unit + 2 * step, unit + step), (unit + step, unit + step)):
+        if h > 0 and w > 0 and spec.branch_pattern(h, w) == want:
+            return [first, {"batch": 2, "height": h, "width": w}]
+    notice(f"{spec.name}: no second resolution keeps the attention branches of {res}px; validated at one size only")
+    return [first]
+
+
+def describe_sizes(spec: GraphSpec, sizes: dict) -> str:
+    if "height" in sizes:
+        s = spec.spatial_scale
+        return f"batch {sizes['batch']}, {sizes['height'] * s}x{sizes['width'] * s}px"
+    return f"batch {sizes['batch']}"
+
+
+def torch_reference(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+        out = spec.module(*args)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [o.float().numpy() for o in outs]
+
+
+def validate(spec: GraphSpec, run_fn, sizes_list: list[dict], precision: str, label: str) -> dict:
+    """Run ``run_fn(feeds) -> outputs`` at every size on realistic inputs; compare with torch fp32."""
+    tol = spec.tolerances[precision].to_dict()
+    results, ok = [], True
+    for sizes in sizes_list:
+        feeds = spec.example_inputs(sizes)
+        ref = torch_reference(spec, feeds)
+        t = time.perf_counter()
+        outs = run_fn(feeds)
+        ms = (time.perf_counter() - t) * 1000
+        for name, r, o in zip(spec.output_names, ref, outs):
+            m = compare(r, o)
+            good = passes(m, tol)
+            ok &= good
+            results.append({"sizes": sizes, "output": name, "pass": good, "ms": round(ms, 1),
+                            **{k: v for k, v in m.items() if k != "ref_max_abs"}})
+            mark = "✓" if good else "✗"
+            print(f"    -[{mark}] {label} {describe_sizes(spec, sizes)}: {describe(m)}  (tolerance {tol})", flush=True)
+    return {"pass": bool(ok), "precision": precision, "tolerance": tol, "inputs": "real photos / their latents / sampling trajectory",
+            "results": results}
+
+
+def prepare_manifest(stage: Path, variant: str, res: int, dynamic: bool, ae_info: dict, dn_info: dict | None) -> dict:
+    """Keep the existing manifest if it describes the same weights and shapes; otherwise start a
+    fresh bundle (stale artifacts of other weights are removed)."""
+    import shutil
+
+    old = read_manifest(stage)
+    same = (old is not None and old.get("resolution") == res and old.get("dynamic") == dynamic
+            and old.get("autoencoder", {}).get("fingerprint") == ae_info["fingerprint"]
+            and (old.get("denoiser") or {}).get("fingerprint") == (dn_info or {}).get("fingerprint"))
+    if old is not None and not same:
+        print("  existing bundle holds other weights or shapes: replacing it entirely")
+        for p in stage.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    m = old if same else new_manifest(variant, res, dynamic)
+    m["autoencoder"], m["denoiser"] = ae_info, dn_info
+    return m
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Exit codes: 0 ok, 1 validation failed, 2 bad input. Nothing half-written either way."""
+    try:
+        main_fn(argv)
+        return 0
+    except (ExportError, BundleError) as e:
+        print(f"\nerror: {e}\nnothing was written.", file=sys.stderr)
+        return 2 if not isinstance(e, ValidationFailed) else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the previous bundle (if any) is untouched.", file=sys.stderr)
+        return 130
+
+
+class ValidationFailed(ExportError):
+    pass
+
+
+def summarize(manifest: dict, out: Path) -> None:
+    print(f"\nbundle {out}:")
+    for g, info in manifest["graphs"].items():
+        for key, art in info["artifacts"].items():
+            size = sum(manifest["files"].get(f, {}).get("bytes", 0) for f in art["files"]) / 1e6
+            v = art.get("validation", {})
+            status = "valid" if v.get("pass") else ("not validated" if not v else "FAILED")
+            print(f"  {g:12s} {key:14s} {size:8.2f} MB  {status}")
+    print(json.dumps({"manifest": str(out / "manifest.json")}))

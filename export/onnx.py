@@ -1,0 +1,237 @@
+"""Export DC-AE encoder/decoder (and the denoiser) to ONNX, validated on real photos.
+
+    python -m export.onnx --variant f64                       # bundled weights -> exports/f64/
+    python -m export.onnx --variant f64 --weights path/to/dc-ae-f64c128-in-1.0-diffusers --out exports/f64-paper
+
+Writes DIR/{vae_encoder,vae_decoder,transformer}/model.onnx (+ model_fp16.onnx with --fp16) and
+DIR/manifest.json. Every graph is checked with onnx.checker and run in onnxruntime (CPU) on real
+photos / their latents / sampling-trajectory inputs at the export shape and, for dynamic graphs,
+at an unseen batch and resolution; outputs must be finite and within tolerance of torch (fp32:
+max abs <= 1e-4 on images). On any failure the command exits non-zero and leaves the previous
+bundle untouched.
+
+Exporter: torch's dynamo exporter (default, opset >= 18) or the TorchScript one; never a silent
+fallback from one to the other. DC-AE's linear attention is written with clamp_min(eps), which
+the dynamo optimizer cannot fold (it deletes ``x + 1e-15`` and real photos then give NaN).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
+                     prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
+from .specs import GraphSpec
+
+TWO_GB = 2 * 1024**3
+
+
+def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    shapes = {}
+    if not dynamic:
+        return {t.name: {} for t in spec.inputs}
+    f = spec.meta.get("spatial_compression", 1)
+    for t in spec.inputs:
+        axes = {}
+        for i, d in enumerate(t.dims):
+            if d == "batch":
+                axes[i] = batch
+            elif d in ("height", "width"):
+                cells = Dim(f"{d}_cells", min=1, max=16384 // f)
+                axes[i] = cells * (f // spec.spatial_scale) if spec.spatial_scale == 1 else cells
+        shapes[t.name] = axes
+    return shapes
+
+
+def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str) -> dict:
+    import torch
+
+    feeds = spec.example_inputs(sizes)
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    params = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+    external = params > TWO_GB * 0.9
+    t = time.perf_counter()
+    log = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(spec.module, args, str(path), dynamo=True, opset_version=opset, input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_shapes=_dims_for_dynamo(spec, dynamic),
+                              external_data=external, optimize=True, verbose=False)
+        else:
+            torch.onnx.export(spec.module, args, str(path), dynamo=False, opset_version=opset, input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(dynamic),
+                              do_constant_folding=True)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if model.opset_import[0].version != opset and not any(o.domain == "" and o.version == opset for o in model.opset_import):
+        raise ExportError(f"{exporter} exporter wrote opset {[o.version for o in model.opset_import if o.domain == '']} "
+                          f"instead of the requested {opset}; use --opset 18 or higher with dynamo")
+    _name_axes(model, spec, dynamic)
+    _save(model, path, external)
+    return {"seconds": round(time.perf_counter() - t, 1), "external_data": external, "nodes_exported": len(model.graph.node)}
+
+
+def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
+    """Give graph inputs/outputs the spec's axis names (the exporters invent their own)."""
+    by_name = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = by_name.get(vi.name)
+        if t is None:
+            continue
+        for dim, d in zip(vi.type.tensor_type.shape.dim, t.dims):
+            if isinstance(d, str) and dynamic:
+                dim.dim_param = d
+
+
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    for f in path.parent.glob(path.name + "*"):
+        if f != path:
+            f.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def simplify(path: Path, tool: str) -> dict:
+    """Graph simplification; returns node counts. Large (external-data) graphs are left as they are."""
+    import onnx
+
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    if tool == "none":
+        return {"simplifier": "none", "nodes_before": before, "nodes_after": before}
+    if (path.parent / (path.name + ".data")).exists():
+        notice(f"{path.parent.name}: weights > 2 GB, {tool} skipped (protobuf limit); graph kept as exported")
+        return {"simplifier": "skipped (>2GB)", "nodes_before": before, "nodes_after": before}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        if tool == "onnxslim":
+            import onnxslim
+
+            out = onnxslim.slim(model)
+        else:
+            import onnxsim
+
+            out, ok = onnxsim.simplify(model)
+            if not ok:
+                raise ExportError(f"onnxsim could not validate the simplified {path.parent.name} graph; use --no-simplify")
+    onnx.checker.check_model(out)
+    _save(out, path, external=False)
+    return {"simplifier": tool, "nodes_before": before, "nodes_after": len(out.graph.node)}
+
+
+def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> dict:
+    """fp16 weights and compute, fp32 I/O; numerically delicate ops (RMSNorm, linear-attention
+    normalisation, softmax/LayerNorm) stay fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops))
+    _save(half, dst, external=False)
+    kept = sum(1 for n in model.graph.node if n.op_type in keep_ops)
+    return {"fp32_ops": sorted(set(keep_ops)), "nodes_kept_fp32": kept}
+
+
+def ort_runner(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return lambda feeds: sess.run(names, feeds)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    ap.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (validated: PSNR >= 40 dB)")
+    ap.add_argument("--no-simplify", action="store_true")
+    ap.add_argument("--simplifier", choices=["onnxslim", "onnxsim"], default="onnxslim")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.exporter == "dynamo" and args.opset < 18:
+        raise ExportError(f"--opset {args.opset}: torch's dynamo exporter only writes opset >= 18 (it would silently "
+                          "raise it); use --opset 18+, or --exporter torchscript for older runtimes")
+    if args.opset > 23:
+        raise ExportError(f"--opset {args.opset}: onnxruntime here supports up to opset 23")
+    out = Path(args.out or f"exports/{args.variant}")
+    dynamic = not args.static
+    t0 = time.perf_counter()
+    print(f"[export.onnx] variant {args.variant} -> {out}")
+    ae, ae_info, dn, dn_info = load_models(args)
+    res = resolve_resolution(args, ae)
+    specs = build_specs(ae, dn, res, args.graphs)
+    print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), {'dynamic' if dynamic else 'static'} shapes, {res}px, "
+          f"exporter {args.exporter}, opset {args.opset}" + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))
+    with bundle_transaction(out) as stage:
+        manifest = prepare_manifest(stage, args.variant, res, dynamic, ae_info, dn_info)
+        manifest["versions"] = package_versions("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "onnxsim", "numpy")
+        failures = []
+        for spec in specs:
+            gdir = stage / spec.name
+            gdir.mkdir(exist_ok=True)
+            path = gdir / "model.onnx"
+            print(f"\n  [{spec.name}] exporting ...", flush=True)
+            info = export_graph(spec, path, export_sizes(spec, res), dynamic, args.opset, args.exporter)
+            import onnx
+
+            onnx.checker.check_model(str(path))
+            print(f"    -[✓] onnx.checker ({info['nodes_exported']} nodes, {info['seconds']} s)")
+            info.update(simplify(path, "none" if args.no_simplify else args.simplifier))
+            print(f"    -[✓] {info['simplifier']}: {info['nodes_before']} -> {info['nodes_after']} nodes")
+            sizes = validation_sizes(spec, res, dynamic)
+            v = validate(spec, ort_runner(path), sizes, "fp32", "onnxruntime fp32")
+            info.update(opset=args.opset, exporter=args.exporter, precision="fp32", validation=v)
+            manifest["graphs"].setdefault(spec.name, {"artifacts": {}}).update(spec.to_manifest())
+            record_artifact(manifest, stage, spec.name, "onnx/fp32", [path] + list(gdir.glob("model.onnx.data")), info)
+            if not v["pass"]:
+                failures.append(f"{spec.name} fp32")
+            if args.fp16:
+                hpath = gdir / "model_fp16.onnx"
+                hinfo = to_fp16(path, hpath, spec.fp16_keep_ops)
+                try:
+                    hv = validate(spec, ort_runner(hpath), sizes, "fp16", "onnxruntime fp16")
+                except Exception as e:  # noqa: BLE001 - e.g. a CPU build without an fp16 kernel
+                    hv = {"pass": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                    print(f"    -[✗] onnxruntime fp16: {hv['error']}")
+                hinfo.update(precision="fp16", validation=hv, opset=args.opset, exporter=args.exporter)
+                record_artifact(manifest, stage, spec.name, "onnx/fp16", [hpath], hinfo)
+                if not hv["pass"]:
+                    failures.append(f"{spec.name} fp16")
+        if failures:
+            raise ValidationFailed(f"validation failed for {', '.join(failures)} (numbers above)")
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+        write_manifest(manifest, stage)
+    summarize(manifest, out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
