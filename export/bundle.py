@@ -123,6 +123,18 @@ def bundle_transaction(out: Path):
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def fresh(path: Path) -> Path:
+    """Unlink ``path`` (and its external-data sibling) before writing it: staging folders share
+    inodes with the live bundle through hard links, so writing in place would modify the live
+    bundle before the commit."""
+    for p in (Path(path), Path(str(path) + ".data")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    return Path(path)
+
+
 def new_manifest(variant: str, resolution: int, dynamic: bool) -> dict:
     from dcae_edge import __version__
 

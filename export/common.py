@@ -241,8 +241,9 @@ def summarize(manifest: dict, out: Path) -> None:
     print(f"\nbundle {out}:")
     for g, info in manifest["graphs"].items():
         for key, art in info["artifacts"].items():
-            size = sum(manifest["files"].get(f, {}).get("bytes", 0) for f in art["files"]) / 1e6
+            size = sum(m["bytes"] for k, m in manifest["files"].items()  # a Core ML package is a folder
+                       if any(k == f or k.startswith(f + "/") for f in art["files"])) / 1e6
             v = art.get("validation", {})
-            status = "valid" if v.get("pass") else ("not validated" if not v else "FAILED")
+            status = "valid" if v.get("pass") else ("not validated" if not v or "skipped" in v else "FAILED")
             print(f"  {g:12s} {key:14s} {size:8.2f} MB  {status}")
     print(json.dumps({"manifest": str(out / "manifest.json")}))

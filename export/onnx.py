@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
+from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
 from .specs import GraphSpec
@@ -63,6 +63,7 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     external = params > TWO_GB * 0.9
     t = time.perf_counter()
     log = io.StringIO()
+    fresh(path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(log):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
@@ -75,7 +76,7 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
                               do_constant_folding=True)
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path))  # with external data: _save rewrites both files
     if model.opset_import[0].version != opset and not any(o.domain == "" and o.version == opset for o in model.opset_import):
         raise ExportError(f"{exporter} exporter wrote opset {[o.version for o in model.opset_import if o.domain == '']} "
                           f"instead of the requested {opset}; use --opset 18 or higher with dynamo")
@@ -99,9 +100,7 @@ def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
 def _save(model, path: Path, external: bool) -> None:
     import onnx
 
-    for f in path.parent.glob(path.name + "*"):
-        if f != path:
-            f.unlink()
+    fresh(path)
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)

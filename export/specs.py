@@ -211,16 +211,18 @@ def transformer_spec(denoiser, steps: int = 10, cfg_scale: float = 3.0) -> Graph
             out = self.net(hidden_states, timestep, class_labels if cfg.conditional else None)
             return out[:, :c] if cfg.learn_sigma else out
 
-    def examples(sizes):  # inputs recorded along a real sampling trajectory (CFG batch 2N)
-        n = max(1, sizes.get("batch", 2) // 2)
+    def examples(sizes):  # exactly `batch` inputs recorded along a real sampling trajectory (CFG batch 2N)
+        batch = sizes.get("batch", 2)
+        n = (batch + 1) // 2 if cfg.conditional else batch
         record = []
         classes = [i % cfg.num_classes for i in range(n)] if cfg.conditional else None
         with torch.no_grad():
             generate_latents(denoiser, classes, steps, cfg_scale if cfg.conditional else 1.0, seed=0, n=n, record=record)
         picks = np.linspace(0, len(record) - 1, min(4, len(record))).round().astype(int)
-        hs = torch.cat([record[i][0] for i in picks])
-        ts = torch.cat([record[i][1] for i in picks])
-        ys = torch.cat([record[i][2] for i in picks]) if cfg.conditional else torch.zeros(len(hs), dtype=torch.long)
+        rows = [(picks[j % len(picks)], j) for j in range(batch)]  # row j from step picks[j % 4]: fixed shapes hold
+        hs = torch.stack([record[i][0][j] for i, j in rows])
+        ts = torch.stack([record[i][1][j] for i, j in rows])
+        ys = torch.stack([record[i][2][j] for i, j in rows]) if cfg.conditional else torch.zeros(batch, dtype=torch.long)
         return {"hidden_states": hs.numpy(), "timestep": ts.numpy().astype(np.float32), "class_labels": ys.numpy().astype(np.int64)}
 
     return GraphSpec(

@@ -1,0 +1,222 @@
+"""Export DC-AE encoder/decoder (and the denoiser) to OpenVINO IR, validated on real photos.
+
+    python -m export.openvino --variant f64                   # bundled weights -> exports/f64/
+    python -m export.openvino --variant f64 --fp16-weights    # half-size .bin; compute stays f32/bf16
+
+Writes DIR/{vae_encoder,vae_decoder,transformer}/openvino_model.xml/.bin (optimum-intel layout)
+into the same bundle as export.onnx: same weights and shapes keep the ONNX artifacts already there.
+Graphs come from the shared GraphSpecs (names, axes, tolerances are never re-declared here):
+``ov.convert_model`` traces the torch wrapper, inputs get the spec's names, types and shapes
+(-1 for the spec's symbolic axes unless --static), outputs the spec's names.
+
+Validation reads the saved IR back and runs it on the CPU plugin twice:
+
+* ``INFERENCE_PRECISION_HINT=f32`` must meet the fp32 tolerance (as ONNX), or the export fails
+  (--fp16-weights: the fp16 tolerance, PSNR >= 40 dB, since rounding the weights alone costs ~1e-3);
+* the CPU's *default* execution is measured too. On AMX/avx512_bf16 CPUs that default is bf16
+  (about 1% error, 2x faster); it is recorded with the bf16 tolerance (PSNR >= 35 dB) but never
+  fails the export, because apps choose the hint, and other CPUs run f32 anyway.
+
+DC-AE graphs carry optimum-intel's fp16-overflow guard in the IR's rt_info,
+``runtime_options/ACTIVATIONS_SCALE_FACTOR = 8.0``: GPU/NPU plugins running f16 scale activations
+down by it; the CPU plugin ignores it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
+                     prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
+from .specs import GraphSpec
+
+# optimum-intel writes this for Sana's DC-AE encoder and decoder (PR #994, #1110)
+RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}
+ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
+
+
+def expected_shape(t, sizes: dict, dynamic: bool) -> list[int]:
+    """The spec's shape at ``sizes``, with -1 for its symbolic axes when the graph is dynamic."""
+    return [-1 if dynamic and isinstance(d, str) else s for d, s in zip(t.dims, t.shape_for(sizes))]
+
+
+def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool):
+    """Trace the torch wrapper; inputs take the spec's names, types and shapes, outputs its names."""
+    import openvino as ov
+    import torch
+
+    feeds = spec.example_inputs(sizes)
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    inputs = [(t.name, ov.PartialShape(expected_shape(t, sizes, dynamic)), ov.Type(np.dtype(t.dtype))) for t in spec.inputs]
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # torch.jit.trace deprecation, tracer warnings on the attention branch
+            model = ov.convert_model(spec.module, example_input=args, input=inputs)
+    except Exception as e:  # noqa: BLE001 - report the converter's first line, not its traceback
+        raise ExportError(f"{spec.name}: ov.convert_model failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    # exact names: tracing can attach internal names (e.g. 't', '56') to an input tensor
+    for port, t in zip(list(model.inputs) + list(model.outputs), spec.inputs + spec.outputs):
+        port.get_tensor().set_names({t.name})
+    for key, value in RUNTIME_OPTIONS.get(spec.name, {}).items():
+        model.set_rt_info(value, ["runtime_options", key])
+    return model, {"seconds": round(time.perf_counter() - t0, 1), "ops": len(model.get_ops())}
+
+
+def check_signature(model, spec: GraphSpec, sizes: dict, dynamic: bool) -> None:
+    """Names, types and shapes of the (saved) IR against the spec; the first mismatch is an error."""
+    import openvino as ov
+
+    problems = []
+    if len(model.inputs) != len(spec.inputs) or len(model.outputs) != len(spec.outputs):
+        problems.append(f"{len(model.inputs)} inputs / {len(model.outputs)} outputs, spec has "
+                        f"{len(spec.inputs)} / {len(spec.outputs)}")
+    for kind, ports, tensors in (("input", model.inputs, spec.inputs), ("output", model.outputs, spec.outputs)):
+        for port, t in zip(ports, tensors):
+            want = ov.PartialShape(expected_shape(t, sizes, dynamic))
+            got = port.get_partial_shape()
+            if port.get_names() != {t.name}:
+                problems.append(f"{kind} {t.name!r} is named {sorted(port.get_names())}")
+            if port.get_element_type() != ov.Type(np.dtype(t.dtype)):
+                problems.append(f"{kind} {t.name!r} has type {port.get_element_type()}, spec {t.dtype}")
+            # inputs must match exactly; outputs may stay less specified than the spec when dynamic
+            if (got != want) if (kind == "input" or not dynamic) else not got.compatible(want):
+                problems.append(f"{kind} {t.name!r} has shape {got}, spec {want}")
+    if problems:
+        raise ExportError(f"{spec.name}: OpenVINO IR does not match the spec: " + "; ".join(problems))
+
+
+def read_runtime_options(model, graph: str) -> dict:
+    return {k: model.get_rt_info(["runtime_options", k]).astype(str) for k in RUNTIME_OPTIONS.get(graph, {})
+            if model.has_rt_info(["runtime_options", k])}
+
+
+def save(model, gdir: Path, fp16_weights: bool) -> list[Path]:
+    import openvino as ov
+
+    xml = gdir / "openvino_model.xml"
+    files = [xml, xml.with_suffix(".bin")]
+    for f in files:  # the staging copy hard-links the live bundle: replace files, never rewrite them in place
+        f.unlink(missing_ok=True)
+    ov.save_model(model, str(xml), compress_to_fp16=fp16_weights)
+    return files
+
+
+def ov_runner(core, model, spec: GraphSpec, hint: str):
+    """(run_fn, precision the CPU plugin really executes) for one INFERENCE_PRECISION_HINT."""
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    request = compiled.create_infer_request()
+
+    def run(feeds):
+        request.infer(feeds)
+        return [request.get_tensor(n).data.copy() for n in spec.output_names]
+
+    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+
+
+def median_ms(run, feeds: dict, repeats: int = 5) -> float:
+    run(feeds)  # warm-up: first inference of a shape compiles kernels
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(feeds)
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def validate_precisions(core, model, spec: GraphSpec, sizes_list: list[dict], fp16_weights: bool) -> tuple[dict, dict, dict]:
+    """f32 validation (gating), bf16 validation (recorded only) and their median latency at the export size.
+    fp16 weights alone cost ~1e-3 relative error: that artifact is held to the fp16 tolerance."""
+    feeds = spec.example_inputs(sizes_list[0])
+    run, _ = ov_runner(core, model, spec, "f32")
+    v = validate(spec, run, sizes_list, "fp16" if fp16_weights else "fp32",
+                 "openvino f32, fp16 weights" if fp16_weights else "openvino f32")
+    latency = {"f32": median_ms(run, feeds)}
+    try:
+        run, executed = ov_runner(core, model, spec, "bf16")
+        if executed != "bf16":
+            vb = {"skipped": f"this CPU has no bf16: the plugin runs {executed}"}
+            print(f"    -[skipped] openvino bf16: {vb['skipped']}")
+        else:
+            vb = validate(spec, run, sizes_list, "bf16", "openvino bf16")
+            latency["bf16"] = median_ms(run, feeds)
+            if not vb["pass"]:
+                notice(f"{spec.name}: the CPU's default bf16 execution misses its tolerance; apps must compile it "
+                       "with INFERENCE_PRECISION_HINT=f32 (the f32 artifact itself is valid)")
+    except Exception as e:  # noqa: BLE001 - bf16 is informative only
+        vb = {"pass": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
+        print(f"    -[✗] openvino bf16: {vb['error']}")
+    print("    -[✓] median latency at the export shape: " + ", ".join(f"{k} {ms} ms" for k, ms in latency.items()))
+    return v, vb, latency
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--fp16-weights", action="store_true",
+                    help="store weights as fp16 (half the .bin; the CPU still computes in f32/bf16)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    import openvino as ov
+
+    args = parse(argv)
+    out = Path(args.out or f"exports/{args.variant}")
+    dynamic = not args.static
+    key = "openvino/fp16w" if args.fp16_weights else "openvino/fp32"
+    t0 = time.perf_counter()
+    print(f"[export.openvino] variant {args.variant} -> {out}")
+    ae, ae_info, dn, dn_info = load_models(args)
+    res = resolve_resolution(args, ae)
+    specs = build_specs(ae, dn, res, args.graphs)
+    print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), {'dynamic' if dynamic else 'static'} shapes, {res}px, "
+          f"{'fp16' if args.fp16_weights else 'fp32'} weights"
+          + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))
+    core = ov.Core()
+    with bundle_transaction(out) as stage:
+        manifest = prepare_manifest(stage, args.variant, res, dynamic, ae_info, dn_info)
+        manifest.setdefault("versions", {}).update(package_versions("openvino", "torch", "numpy"))
+        failures = []
+        for spec in specs:
+            gdir = stage / spec.name
+            gdir.mkdir(exist_ok=True)
+            sizes = export_sizes(spec, res)
+            print(f"\n  [{spec.name}] converting ...", flush=True)
+            model, info = convert_graph(spec, sizes, dynamic)
+            print(f"    -[✓] ov.convert_model ({info['ops']} ops, {info['seconds']} s)")
+            files = save(model, gdir, args.fp16_weights)
+            saved = core.read_model(str(files[0]))
+            check_signature(saved, spec, sizes, dynamic)
+            info["runtime_options"] = read_runtime_options(saved, spec.name)
+            if info["runtime_options"] != RUNTIME_OPTIONS.get(spec.name, {}):
+                raise ExportError(f"{spec.name}: rt_info runtime_options {info['runtime_options']} did not survive saving")
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            print(f"    -[✓] saved {files[0].name}/.bin ({mb:.2f} MB); names, types and shapes match the spec"
+                  + (f"; rt_info runtime_options {info['runtime_options']}" if info["runtime_options"] else ""))
+            v, vb, latency = validate_precisions(core, saved, spec, validation_sizes(spec, res, dynamic), args.fp16_weights)
+            info.update(precision="f32", weights="fp16" if args.fp16_weights else "fp32", validation=v,
+                        validation_bf16=vb, latency_ms=latency, device="CPU")
+            manifest["graphs"].setdefault(spec.name, {"artifacts": {}}).update(spec.to_manifest())
+            for stale in ARTIFACT_KEYS:  # the other weight format's entry pointed at the files just replaced
+                manifest["graphs"][spec.name]["artifacts"].pop(stale, None)
+            record_artifact(manifest, stage, spec.name, key, files, info)
+            if not v["pass"]:
+                failures.append(f"{spec.name} f32")
+        if failures:
+            raise ValidationFailed(f"validation failed for {', '.join(failures)} (numbers above)")
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+        write_manifest(manifest, stage)
+    summarize(manifest, out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
