@@ -181,14 +181,16 @@ class LiteMLA(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         heads = channels // head_dim
-        self.to_qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+        # q/k/v and output projections are Linear layers on channels-last tensors, as in diffusers:
+        # a 1x1 conv computes the same values but rounds differently (~1e-5 apart after a few blocks)
+        self.to_qkv = nn.Linear(channels, 3 * heads * head_dim, bias=False)
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * heads * head_dim, heads, k) for k in scales)
-        self.to_out = nn.Conv2d(heads * head_dim * (1 + len(scales)), channels, 1, bias=False)
+        self.to_out = nn.Linear(heads * head_dim * (1 + len(scales)), channels, bias=False)
         self.norm_out = make_norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        qkv = self.to_qkv(x)
+        qkv = self.to_qkv(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         qkv = torch.cat([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], dim=1)
         # (B, heads, 3*head_dim, N): inside each head q, k, v are consecutive channel blocks.
         qkv = qkv.float().reshape(b, -1, 3 * self.head_dim, h * w)
@@ -202,7 +204,7 @@ class LiteMLA(nn.Module):
                 out = attend(q, k, v)
         else:
             out = attend(q, k, v)
-        out = self.to_out(out.to(x.dtype).reshape(b, -1, h, w))
+        out = self.to_out(out.to(x.dtype).reshape(b, -1, h, w).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x + self.norm_out(out)
 
 

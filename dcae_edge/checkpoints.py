@@ -3,8 +3,9 @@
 Nothing here unpickles: every format read is safetensors + JSON.
 
 Our format: one ``.safetensors`` file whose metadata holds ``{"format": "dcae-edge", "kind":
-"autoencoder", "config": <DCAEConfig JSON>}``. Tensor names are ours (diffusers' tree, except that
-the attention's q/k/v projections are one fused 1x1 conv ``to_qkv`` and ``to_out`` is a 1x1 conv).
+"autoencoder", "config": <DCAEConfig JSON>}``. Tensor names are ours: diffusers' tree, except that
+the attention's q/k/v projections are one fused Linear ``to_qkv`` (rows: all q, then k, then v).
+1x1-conv weights (efficientvit's qkv/proj) load into Linear layers by dropping their 1x1 dims.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with a readable report of missing / unexpected / mis-shaped keys."""
     expected = model.state_dict()
+    state = {k: (v.flatten(1) if k in expected and v.dim() == 4 and expected[k].dim() == 2 and v.shape[2:] == (1, 1) else v)
+             for k, v in state.items()}  # 1x1 conv <-> Linear
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(k for k in expected if k not in state and k not in optional)
     unexpected = sorted(k for k in state if k not in expected)
@@ -96,15 +99,12 @@ def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         m = re.match(r"(.*\.attn)\.to_([qkv])\.weight$", k)
         if m:
             qkv.setdefault(m.group(1), {})[m.group(2)] = v
-        elif re.search(r"\.attn\.to_out\.weight$", k):
-            out[k] = v[:, :, None, None] if v.dim() == 2 else v
         else:
             out[k] = v
     for prefix, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"attention {prefix} lacks one of to_q/to_k/to_v")
-        w = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"{prefix}.to_qkv.weight"] = w[:, :, None, None] if w.dim() == 2 else w
+        out[f"{prefix}.to_qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 
 
@@ -115,8 +115,6 @@ def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             prefix = k[: -len(".to_qkv.weight")]
             for name, part in zip("qkv", v.flatten(1).chunk(3, dim=0)):
                 out[f"{prefix}.to_{name}.weight"] = part.clone()
-        elif k.endswith(".attn.to_out.weight"):
-            out[k] = v.flatten(1).clone()
         else:
             out[k] = v
     return out
