@@ -36,7 +36,7 @@ from .data import ImageFolder, step_generator, to_model_range
 from .metrics import ms_ssim, psnr, try_lpips
 from .presets import get_config
 from .training_utils import (EMA, atomic_torch_save, config_fingerprint, describe_mismatch, init_distributed,
-                             load_training_checkpoint, parse_dataclass_args, plot_curves, resolve_amp, resolve_device, save_image_grid, unwrap)
+                             broadcast_buffers, load_training_checkpoint, parse_dataclass_args, plot_curves, replicas_identical, resolve_amp, resolve_device, save_image_grid, unwrap)
 
 # Paper, appendix A: AdamW per phase.
 PHASE_DEFAULTS = {
@@ -48,7 +48,7 @@ PHASE_DEFAULTS = {
 
 @dataclass
 class TrainConfig:
-    model: str = "dc-ae-edge-f64c128"  # preset name
+    model: str = "dc-ae-edge-f64c128"  # preset name, or a JSON file holding a DCAEConfig
     plain: bool = False                # ablation: remove every residual shortcut
     data: str = "data/photos/train"
     eval_data: str = "data/photos/eval"
@@ -105,6 +105,15 @@ def trainable_prefixes(model: DCAE, phase: int, middle_stages: int = 1, head_sta
             raise ValueError(f"--head-stages {head_stages} exceeds the decoder's {len(dec_stages)} stages")
         return ["decoder.norm_out.", "decoder.conv_out."] + [f"decoder.up_blocks.{i}." for i in dec_stages[:head_stages]]
     raise ValueError(f"phase must be 1, 2 or 3, got {phase}")
+
+
+def load_arch(name: str):
+    """A preset name or a JSON file with a DCAEConfig (custom architectures)."""
+    from .autoencoder import DCAEConfig
+
+    if name.endswith(".json") and Path(name).is_file():
+        return DCAEConfig.from_dict(json.loads(Path(name).read_text()))
+    return get_config(name)
 
 
 def set_trainable(model: DCAE, prefixes: list[str]) -> list[str]:
@@ -184,12 +193,12 @@ def train(cfg: TrainConfig) -> dict:
             raise FileNotFoundError(f"phase {cfg.phase} starts from {init}, which does not exist: run phase "
                                     f"{cfg.phase - 1} first with the same --out, or pass --init")
         model = _load_ours(Path(init))
-        if model.config.name != get_config(cfg.model).name or model.config.residual_autoencoding == cfg.plain:
+        if model.config.name != load_arch(cfg.model).name or model.config.residual_autoencoding == cfg.plain:
             raise ValueError(f"{init} holds {model.config.name} (residual={model.config.residual_autoencoding}); "
                              f"this run asks for {cfg.model} (plain={cfg.plain})")
     else:
         torch.manual_seed(cfg.seed)
-        arch = get_config(cfg.model)
+        arch = load_arch(cfg.model)
         arch.residual_autoencoding = not cfg.plain
         model = build_autoencoder(arch)
     model.to(device).train()
@@ -236,6 +245,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"resumed {ckpt_path} at step {step}")
 
     def save_ckpt():
+        broadcast_buffers(model)  # collective: every rank calls it
         if not dist_info.main:
             return
         state = {"model": unwrap(model).state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(),
@@ -293,11 +303,19 @@ def train(cfg: TrainConfig) -> dict:
             save_ckpt()
     bar.close()
     save_ckpt()
+    broadcast_buffers(model)
+    identical = replicas_identical(model) if dist_info.world > 1 else None
     summary = {}
     if dist_info.main:
         summary = finish_phase(cfg, ema.model, history, step, res, rec_loss.kind, trainable, data, device, time.time() - t0)
     if dist_info.world > 1:
+        summary["replicas_identical"] = identical
+        if dist_info.main:
+            (Path(cfg.out) / (f"phase{cfg.phase}" if hasattr(cfg, "phase") else "") / "ddp.json").write_text(
+                json.dumps({"world": dist_info.world, "replicas_identical": identical}))
         torch.distributed.barrier()
+        if not identical:
+            raise RuntimeError("DDP replicas diverged: parameters differ between ranks")
     return summary
 
 

@@ -29,7 +29,7 @@ from .data import ImageFolder, step_generator, to_model_range
 from .denoiser import build_denoiser, save_denoiser
 from .schedules import NUM_TRAIN_TIMESTEPS, ddpm_alphas_cumprod
 from .training_utils import (EMA, atomic_torch_save, config_fingerprint, describe_mismatch, init_distributed,
-                             load_training_checkpoint, parse_dataclass_args, plot_curves, resolve_amp, resolve_device, save_image_grid, unwrap)
+                             broadcast_buffers, load_training_checkpoint, parse_dataclass_args, plot_curves, replicas_identical, resolve_amp, resolve_device, save_image_grid, unwrap)
 
 
 @dataclass
@@ -180,11 +180,19 @@ def train(cfg: DenoiserTrainConfig) -> dict:
             save_ckpt()
     bar.close()
     save_ckpt()
+    broadcast_buffers(model)
+    identical = replicas_identical(model) if dist_info.world > 1 else None
     summary = {}
     if dist_info.main:
         summary = finish(cfg, ema.model, meta, history, step, class_names, device, time.time() - t0)
     if dist_info.world > 1:
+        summary["replicas_identical"] = identical
+        if dist_info.main:
+            (Path(cfg.out) / (f"phase{cfg.phase}" if hasattr(cfg, "phase") else "") / "ddp.json").write_text(
+                json.dumps({"world": dist_info.world, "replicas_identical": identical}))
         torch.distributed.barrier()
+        if not identical:
+            raise RuntimeError("DDP replicas diverged: parameters differ between ranks")
     return summary
 
 

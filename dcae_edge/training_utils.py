@@ -65,6 +65,27 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(rank, world, local)
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers to every rank. On CPU there is no SyncBatchNorm (it needs CUDA): each rank
+    updates BatchNorm running stats from its own batch, and DDP only re-broadcasts rank 0's at the
+    next forward. Call before checkpoints and at the end so that every replica is rank 0's."""
+    if dist.is_initialized():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, 0)
+
+
+def replicas_identical(model: nn.Module) -> bool:
+    """DDP sanity check: every rank holds bit-identical parameters and buffers (compared through
+    float64 per-tensor sums gathered from all ranks)."""
+    if not dist.is_initialized():
+        return True
+    state = unwrap(model).state_dict()
+    sums = torch.stack([v.detach().double().sum() for v in state.values()]).to(next(iter(state.values())).device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
