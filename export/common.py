@@ -138,17 +138,19 @@ def build_specs(ae, dn, res: int, graphs: list[str] | None) -> list[GraphSpec]:
     return specs
 
 
-def export_sizes(spec: GraphSpec, res: int) -> dict[str, int]:
+def export_sizes(spec: GraphSpec, res: int, dynamic: bool = False) -> dict[str, int]:
+    """Example shapes to trace with. Dynamic graphs trace at batch 2: torch.export specialises
+    dimensions that are 1 in the example (its 0/1 specialisation) and would freeze the batch."""
     if spec.name == "transformer":
         return {"batch": 2}
     unit = res // spec.spatial_scale
-    return {"batch": 1, "height": unit, "width": unit}
+    return {"batch": 2 if dynamic else 1, "height": unit, "width": unit}
 
 
 def validation_sizes(spec: GraphSpec, res: int, dynamic: bool) -> list[dict[str, int]]:
     """The export shape, plus (dynamic graphs) an unseen batch and non-square size that keeps every
     attention stage on the branch it was traced with."""
-    first = export_sizes(spec, res)
+    first = export_sizes(spec, res, dynamic)
     if not dynamic:
         return [first]
     if spec.name == "transformer":
@@ -158,7 +160,7 @@ def validation_sizes(spec: GraphSpec, res: int, dynamic: bool) -> list[dict[str,
     want = [s["linear"] for s in spec.attention_stages]
     for h, w in ((unit - step, unit + step), (unit + step, unit + 2 * step), (unit + 2 * step, unit + step), (unit + step, unit + step)):
         if h > 0 and w > 0 and spec.branch_pattern(h, w) == want:
-            return [first, {"batch": 2, "height": h, "width": w}]
+            return [{**first, "batch": 1}, {"batch": 3, "height": h, "width": w}]
     notice(f"{spec.name}: no second resolution keeps the attention branches of {res}px; validated at one size only")
     return [first]
 

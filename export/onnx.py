@@ -136,19 +136,94 @@ def simplify(path: Path, tool: str) -> dict:
     return {"simplifier": tool, "nodes_before": before, "nodes_after": len(out.graph.node)}
 
 
-def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> dict:
-    """fp16 weights and compute, fp32 I/O; numerically delicate ops (RMSNorm, linear-attention
-    normalisation, softmax/LayerNorm) stay fp32."""
+def large_activation_nodes(model, feeds: dict, limit: float = 1e4) -> list[str]:
+    """Nodes that produce or consume tensors exceeding ``limit`` in magnitude on real fp32 inputs:
+    fp16 (max 65504) would overflow there (e.g. the un-normalised linear-attention sums)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=out))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's output
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, feeds)))
+    large = {name for name, v in values.items()
+             if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size and np.abs(v).max() > limit}
+    # the producer *and* every consumer of a large tensor: a cast to fp16 on either side overflows
+    return [n.name for n in model.graph.node if large & (set(n.output) | set(n.input))]
+
+
+def drop_round_trip_casts(model) -> int:
+    """onnxruntime's converter wraps *every* blocked node in casts, so two adjacent fp32 nodes talk
+    through fp32 -> fp16 -> fp32, which overflows exactly where we kept fp32. Bypass such pairs."""
+    import onnx
+
+    def to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None)
+
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in model.graph.node]
+    producer = {o: n for n in nodes for o in n.output}
+    is_half = lambda name: (name in producer and producer[name].op_type == "Cast"  # noqa: E731
+                            and to(producer[name]) == onnx.TensorProto.FLOAT16)
+    bypass = {}  # output of a fp32 cast -> the fp32 tensor it round-tripped
+    for n in nodes:
+        if n.op_type == "Cast" and to(n) == onnx.TensorProto.FLOAT and is_half(n.input[0]):
+            src = producer[n.input[0]].input[0]
+            if not is_half(src):
+                bypass[n.output[0]] = src
+    outputs = {o.name for o in model.graph.output}
+    kept = [n for n in nodes if not (n.output and n.output[0] in bypass and n.output[0] not in outputs)]
+    for n in kept:
+        n.input[:] = [bypass.get(i, i) for i in n.input]
+    used = {i for n in kept for i in n.input} | outputs
+    kept = [n for n in kept if not (n.op_type == "Cast" and not set(n.output) & used)]
+    removed = len(nodes) - len(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(topological_order(kept, model))
+    return removed
+
+
+def topological_order(nodes: list, model) -> list:
+    """The converter appends its input casts at the end; onnx.checker wants producers first."""
+    ready = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(range(len(nodes))), []
+    while pending:
+        progressed = [k for k in pending if all(i in ready for i in nodes[k].input)]
+        if not progressed:
+            raise ExportError("fp16 conversion produced a cyclic graph")
+        for k in progressed:
+            ordered.append(nodes[k])
+            ready.update(nodes[k].output)
+        done = set(progressed)
+        pending = [k for k in pending if k not in done]
+    return ordered
+
+
+def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...], feeds: dict) -> dict:
+    """fp16 weights and compute, fp32 I/O. Kept in fp32: the numerically delicate op types (RMSNorm,
+    linear-attention normalisation, softmax/LayerNorm) and every node whose activations on real
+    inputs exceed 1e4 (found by running the fp32 graph)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
+    big = large_activation_nodes(model, feeds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops))
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops), node_block_list=big)
+    drop_round_trip_casts(half)
+    onnx.checker.check_model(half)
     _save(half, dst, external=False)
     kept = sum(1 for n in model.graph.node if n.op_type in keep_ops)
-    return {"fp32_ops": sorted(set(keep_ops)), "nodes_kept_fp32": kept}
+    return {"fp32_ops": sorted(set(keep_ops)), "nodes_kept_fp32": kept + len(big), "large_activation_nodes": big}
 
 
 def ort_runner(path: Path, threads: int = 0):
@@ -199,7 +274,7 @@ def main(argv=None):
             gdir.mkdir(exist_ok=True)
             path = gdir / "model.onnx"
             print(f"\n  [{spec.name}] exporting ...", flush=True)
-            info = export_graph(spec, path, export_sizes(spec, res), dynamic, args.opset, args.exporter)
+            info = export_graph(spec, path, export_sizes(spec, res, dynamic), dynamic, args.opset, args.exporter)
             import onnx
 
             onnx.checker.check_model(str(path))
@@ -215,7 +290,7 @@ def main(argv=None):
                 failures.append(f"{spec.name} fp32")
             if args.fp16:
                 hpath = gdir / "model_fp16.onnx"
-                hinfo = to_fp16(path, hpath, spec.fp16_keep_ops)
+                hinfo = to_fp16(path, hpath, spec.fp16_keep_ops, spec.example_inputs(sizes[0]))
                 try:
                     hv = validate(spec, ort_runner(hpath), sizes, "fp16", "onnxruntime fp16")
                 except Exception as e:  # noqa: BLE001 - e.g. a CPU build without an fp16 kernel

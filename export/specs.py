@@ -43,7 +43,7 @@ class Tolerance:
     min_cosine: float | None = None  # int8
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, 0.0)}
+        return {k: v for k, v in self.__dict__.items() if v is not None and not (k == "rel" and v == 0.0)}
 
 
 # fp32 parity on images in [-1, 1]: 1e-4 absolute (issue #3); latents/denoiser outputs are larger,

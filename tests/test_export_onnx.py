@@ -1,0 +1,178 @@
+"""ONNX export: every family, real-photo parity in onnxruntime, dynamic shapes, quadratic branch,
+the eps-folding NaN regression, manifests, atomic bundles and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import make_model, tiny_edge_f64, tiny_in_mix, tiny_sana
+from dcae_edge.autoencoder import linear_attention
+from dcae_edge.checkpoints import save_autoencoder
+from dcae_edge.data import sample_photos
+from export import onnx as ex
+from export.bundle import sha256_file
+from export.common import ExportError, validate
+from export.specs import vae_decoder_spec, vae_encoder_spec
+
+
+def export_and_check(model, res, dynamic, tmp_path):
+    results = []
+    for spec in (vae_encoder_spec(model, res), vae_decoder_spec(model, res)):
+        path = tmp_path / f"{spec.name}.onnx"
+        info = ex.export_graph(spec, path, ex.export_sizes(spec, res, dynamic), dynamic, 18, "dynamo")
+        onnx.checker.check_model(str(path))
+        ex.simplify(path, "onnxslim")
+        v = validate(spec, ex.ort_runner(path), ex.validation_sizes(spec, res, dynamic), "fp32", "ort")
+        assert v["pass"], v
+        results.append((spec, v, info))
+    return results
+
+
+@pytest.mark.parametrize("cfg_fn,res,dynamic", [
+    (tiny_in_mix, 128, True),                                  # BatchNorm + pixel-(un)shuffle family
+    (tiny_sana, 128, True),                                    # conv / interpolate + 5x5 multi-scale attention
+    (lambda: tiny_in_mix(latent=16, stages=5), 64, False),     # 4x4 deepest stage: quadratic branch
+], ids=["in-mix", "sana", "quadratic-static"])
+def test_onnx_parity_on_real_photos(cfg_fn, res, dynamic, tmp_path):
+    model = make_model(cfg_fn(), seed=1)
+    for spec, v, info in export_and_check(model, res, dynamic, tmp_path):
+        shapes = [r["sizes"] for r in v["results"]]
+        if dynamic:  # a second, unseen batch and non-square resolution was checked
+            assert len(shapes) == 2 and shapes[1]["batch"] == 3 and shapes[1]["height"] != shapes[1]["width"]
+        if not spec.attention_stages[-1]["linear"]:
+            assert cfg_fn is not tiny_sana  # only the quadratic case takes this branch
+        assert all(r["max_abs"] <= 1e-4 and r["nonfinite"] == 0 for r in v["results"])
+
+
+def test_linear_attention_never_divides_zero_by_zero_in_onnx(tmp_path):
+    """Regression: dynamo's optimizer deletes `x + 1e-15`; an all-zero ReLU query column then gives
+    0/0 = NaN in onnxruntime. Our clamp_min form must survive export and stay finite."""
+    import onnxruntime as ort
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return linear_attention(q, k, v)
+
+    q = torch.rand(1, 2, 8, 64)
+    q[..., :5] = 0  # tokens whose ReLU'd query is all zero: numerator and denominator are exactly 0
+    k, v = torch.rand(1, 2, 8, 64), torch.randn(1, 2, 8, 64)
+    path = tmp_path / "attn.onnx"
+    torch.onnx.export(Attn(), (q, k, v), str(path), dynamo=True, opset_version=18, external_data=False)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {
+        i.name: t.numpy() for i, t in zip(ort.InferenceSession(str(path)).get_inputs(), (q, k, v))})[0]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, linear_attention(q, k, v).numpy(), atol=1e-5)
+    assert any(n.op_type in ("Clip", "Max") for n in onnx.load(str(path)).graph.node)
+
+
+def test_real_photos_stay_finite_where_noise_would_hide_nan(tmp_path):
+    """Exported encoder on real photos (dark/flat regions drive ReLU'd queries to zero)."""
+    model = make_model(tiny_in_mix(), seed=4)
+    spec = vae_encoder_spec(model, 128)
+    path = tmp_path / "enc.onnx"
+    ex.export_graph(spec, path, ex.export_sizes(spec, 128, True), True, 18, "dynamo")
+    dark = (sample_photos(128, 2) * 0.1 - 0.9).numpy()  # nearly black photos
+    out = ex.ort_runner(path)({"sample": dark})[0]
+    assert np.isfinite(out).all()
+
+
+def cli(args):
+    return ex.main(args)
+
+
+def test_cli_bundle_manifest_and_checksums(tmp_path, tiny_f64_file):
+    out = tmp_path / "bundle"
+    cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128", "--denoiser", "none"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "dcae-edge-bundle" and m["variant"] == "f64" and m["resolution"] == 128
+    assert m["autoencoder"]["random_weights"] is False and m["autoencoder"]["scaling_factor"] == 1.0
+    for graph in ("vae_encoder", "vae_decoder"):
+        art = m["graphs"][graph]["artifacts"]["onnx/fp32"]
+        assert art["validation"]["pass"] and art["opset"] == 18 and art["exporter"] == "dynamo"
+        assert art["nodes_after"] <= art["nodes_before"]
+    names = {g: [t["name"] for t in m["graphs"][g]["inputs"] + m["graphs"][g]["outputs"]] for g in m["graphs"]}
+    assert names == {"vae_encoder": ["sample", "latent_sample"], "vae_decoder": ["latent_sample", "sample"]}
+    for rel, meta in m["files"].items():
+        assert sha256_file(out / rel) == meta["sha256"]
+    g = onnx.load(str(out / "vae_encoder" / "model.onnx")).graph
+    assert [d.dim_param for d in g.input[0].type.tensor_type.shape.dim] == ["batch", "", "height", "width"]
+    assert [d.dim_param for d in g.output[0].type.tensor_type.shape.dim][2:] == ["height / 64", "width / 64"]
+
+
+def test_fp16_graph_keeps_delicate_ops_fp32_and_passes_psnr(tmp_path, tiny_f64_file):
+    out = tmp_path / "bundle"
+    try:
+        cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128", "--static",
+             "--fp16", "--graphs", "vae_decoder", "--denoiser", "none"])
+    except ExportError as e:
+        pytest.fail(f"fp16 export failed: {e}")
+    m = json.loads((out / "manifest.json").read_text())
+    art = m["graphs"]["vae_decoder"]["artifacts"]["onnx/fp16"]
+    assert art["validation"]["pass"] and art["validation"]["results"][0]["psnr"] >= 40
+    half = onnx.load(str(out / "vae_decoder" / "model_fp16.onnx"))
+    fp16_inits = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+    assert fp16_inits > 0 and (out / "vae_decoder" / "model_fp16.onnx").stat().st_size < \
+        0.7 * (out / "vae_decoder" / "model.onnx").stat().st_size
+
+
+def test_failed_export_leaves_previous_bundle_intact(tmp_path, tiny_f64_file, monkeypatch):
+    out = tmp_path / "bundle"
+    cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128", "--static",
+         "--graphs", "vae_decoder", "--denoiser", "none"])
+    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of an export
+
+    monkeypatch.setattr(ex, "simplify", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128", "--static",
+             "--graphs", "vae_decoder", "--denoiser", "none"])
+    after = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "tiny-f64.safetensors"]  # no staging left
+
+
+def test_validation_failure_exits_nonzero_and_writes_nothing(tmp_path, tiny_f64_file, monkeypatch):
+    from export.common import run_cli
+    from export.specs import IMAGE_TOLERANCES, Tolerance
+
+    monkeypatch.setitem(IMAGE_TOLERANCES, "fp32", Tolerance(max_abs=0.0))  # impossible
+    out = tmp_path / "bundle"
+    rc = run_cli(ex.main, ["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128",
+                           "--static", "--graphs", "vae_decoder", "--denoiser", "none"])
+    assert rc == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--variant", "f65"], "unknown --variant"),
+    (["--variant", "f32"], "f64c128 model .* but --variant f32 expects f32c32"),
+    (["--variant", "f64", "--resolution", "100"], "not a positive multiple of the compression factor 64"),
+    (["--variant", "f64", "--opset", "17"], "dynamo exporter only writes opset >= 18"),
+])
+def test_bad_arguments_are_refused(args, match, tmp_path, tiny_f64_file):
+    full = args + ["--weights", str(tiny_f64_file), "--out", str(tmp_path / "b"), "--denoiser", "none"]
+    with pytest.raises(ExportError, match=match):
+        cli(full)
+    assert not (tmp_path / "b").exists()
+
+
+def test_foreign_output_folder_is_refused(tmp_path, tiny_f64_file):
+    from export.bundle import BundleError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my files")
+    with pytest.raises(BundleError, match="not a dcae-edge bundle"):
+        cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(tmp_path / "mine"), "--denoiser", "none"])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my files"
+
+
+def test_dynamic_graph_refuses_sizes_that_flip_an_attention_branch(tmp_path):
+    spec = vae_encoder_spec(make_model(tiny_edge_f64()), 512)  # 8x8 deepest stage: linear
+    spec.check_shape_supported(448, 576)
+    with pytest.raises(ValueError, match="switch attention branch"):
+        spec.check_shape_supported(256, 256)  # 4x4 deepest stage: quadratic in torch
