@@ -1,0 +1,171 @@
+"""Latent diffusion transformers: paper parameter counts, sampler maths, training on real-photo
+latents, determinism, DDP, ONNX parity on trajectory inputs, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_model, tiny_edge_f64
+from dcae_edge import schedules
+from dcae_edge.checkpoints import save_autoencoder
+from dcae_edge.denoiser import DENOISER_PRESETS, build_denoiser, load_denoiser, save_denoiser
+from dcae_edge.sample import generate_latents
+
+PAPER_MILLIONS = {"uvit-s": 44.79, "uvit-h": 500.87, "uvit-2b": 1580.40, "dit-xl": 674.89}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MILLIONS))
+def test_paper_presets_match_the_model_zoo(name):
+    with torch.device("meta"):
+        model = build_denoiser(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == PAPER_MILLIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+def test_dpm_solver_recovers_a_point_mass_exactly():
+    """With the exact eps of a one-point data distribution, DPM-Solver++ must land on the point."""
+    x0 = np.linspace(-1, 1, 16).reshape(1, 1, 4, 4)
+    acp = schedules.ddpm_alphas_cumprod()
+
+    def oracle(x, t):
+        a = acp[int(round(t))]
+        return (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+
+    out = schedules.sample_dpmpp_2m(oracle, schedules.initial_noise(x0.shape, 0).astype(np.float64), steps=20)
+    np.testing.assert_allclose(out, x0, atol=1e-8)
+
+
+def test_flow_samplers_integrate_the_velocity_field():
+    x0 = np.full((1, 1, 2, 2), 0.5)
+    oracle = lambda x, t: (x - x0) / (t / 1000) if t > 0 else 0 * x  # noqa: E731  exact velocity of a point mass
+    noise = schedules.initial_noise(x0.shape, 3).astype(np.float64)
+    for method in ("euler", "heun"):
+        np.testing.assert_allclose(schedules.sample_flow(oracle, noise, 8, method), x0, atol=1e-12)
+
+
+def test_initial_noise_is_seeded_and_backend_free():
+    a, b = schedules.initial_noise((2, 3), 5), schedules.initial_noise((2, 3), 5)
+    assert a.dtype == np.float32 and np.array_equal(a, b)
+    assert not np.array_equal(a, schedules.initial_noise((2, 3), 6))
+
+
+@pytest.mark.parametrize("arch,prediction", [("dit", "flow"), ("uvit", "eps")])
+def test_sampling_is_deterministic_for_a_seed(arch, prediction):
+    torch.manual_seed(0)
+    model = build_denoiser(f"{arch}-tiny", input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=2,
+                           num_heads=2, prediction=prediction).eval()
+    for p in model.parameters():  # DiT starts with zeroed outputs: make it do something
+        p.data.add_(0.02 * torch.randn_like(p))
+    a = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=11)
+    b = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=11)
+    c = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=12)
+    assert a.shape == (2, 8, 4, 4) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dn")
+    photos = d / "photos"
+    for i, p in enumerate(sorted((ROOT / "dcae_edge" / "assets").glob("*.jpg"))):
+        (photos / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, photos / f"class{i % 2}" / p.name)
+    ae = d / "ae.safetensors"
+    save_autoencoder(make_model(tiny_edge_f64()), ae)
+    return d, photos, ae
+
+
+def dn_args(setup, out, steps, *extra):
+    d, photos, ae = setup
+    return ["--autoencoder", str(ae), "--data", str(photos), "--out", str(out), "--resolution", "128",
+            "--crops-per-image", "4", "--model", "dit-tiny", "--hidden-size", "32", "--depth", "2",
+            "--batch-size", "8", "--steps", str(steps), "--lr", "2e-3", "--warmup", "1", "--amp", "fp32",
+            "--device", "cpu", "--log-every", "1", "--ckpt-every", "1000", *extra]
+
+
+def test_training_loss_decreases_on_real_photo_latents(setup, tmp_path):
+    from dcae_edge import train_denoiser as TD
+
+    summary = TD.train(TD.parse_args(dn_args(setup, tmp_path, 40)))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    losses = [h["loss"] for h in json.loads(ck["history"])]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    model, meta = load_denoiser(tmp_path / "model.safetensors")
+    assert meta["class_names"] == ["class0", "class1"] and model.config.num_classes == 2
+    assert summary["steps"] == 40 and (tmp_path / "samples.png").is_file() and (tmp_path / "loss.png").is_file()
+    cache = __import__("safetensors.torch", fromlist=["load_file"]).load_file(tmp_path / "latents.safetensors")
+    assert cache["latents"].shape[1:] == (128, 2, 2) and len(cache["labels"]) == 16
+
+
+def test_cache_from_another_autoencoder_is_refused(setup, tmp_path):
+    from dcae_edge import train_denoiser as TD
+
+    TD.train(TD.parse_args(dn_args(setup, tmp_path, 1)))
+    other = tmp_path / "other.safetensors"
+    save_autoencoder(make_model(tiny_edge_f64(), seed=9), other)
+    args = dn_args(setup, tmp_path, 2)
+    args[args.index("--autoencoder") + 1] = str(other)
+    with pytest.raises(ValueError, match="encoded with another autoencoder"):
+        TD.train(TD.parse_args(args))
+
+
+def test_ddp_two_processes_keep_replicas_identical(setup, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "dcae_edge.train_denoiser", *dn_args(setup, tmp_path, 3)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp.json").read_text()) == {"world": 2, "replicas_identical": True}
+
+
+def test_onnx_parity_on_trajectory_inputs(setup, tmp_path):
+    from export import onnx as ex
+
+    d, photos, ae = setup
+    torch.manual_seed(0)
+    dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=2, hidden_size=32, depth=2)
+    for p in dn.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_denoiser(dn, tmp_path / "dn.safetensors")
+    ex.main(["--variant", "f64", "--weights", str(ae), "--denoiser", str(tmp_path / "dn.safetensors"), "--out",
+             str(tmp_path / "b"), "--resolution", "128", "--graphs", "transformer"])
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    art = m["graphs"]["transformer"]["artifacts"]["onnx/fp32"]
+    assert art["validation"]["pass"]
+    rows = art["validation"]["results"]
+    assert [r["sizes"]["batch"] for r in rows] == [2, 4]  # CFG batch and an unseen batch
+    assert all(r["max_abs"] < 1e-4 and r["cosine"] > 0.9999 for r in rows)
+    assert [t["name"] for t in m["graphs"]["transformer"]["inputs"]] == ["hidden_states", "timestep", "class_labels"]
+    assert m["denoiser"]["class_names"] == [] and m["denoiser"]["sampler"] == "euler"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_denoiser_inputs_are_refused():
+    model = build_denoiser("dit-tiny", input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=1)
+    x = torch.zeros(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="latents must be B x 8 x 4 x 4"):
+        model.check_inputs(torch.zeros(2, 16, 4, 4), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"timestep must lie in \[0, 1000\]"):
+        model.check_inputs(x, torch.tensor([5.0, 1001.0]), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 3\]"):
+        model.check_inputs(x, torch.zeros(2), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="class ids"):
+        generate_latents(model, [7], steps=2)
+    uncond = build_denoiser("dit-tiny", input_size=4, in_channels=8, hidden_size=32, depth=1)
+    with pytest.raises(ValueError, match="classifier-free guidance needs a class-conditional"):
+        generate_latents(uncond, None, steps=2, cfg_scale=3.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_latents(uncond, [1], steps=2)
+
+
+def test_unknown_preset():
+    with pytest.raises(KeyError, match="dit-xl"):
+        build_denoiser("dit-xxl")
+    assert {"dit-tiny", "uvit-tiny", "uvit-h", "dit-xl"} <= set(DENOISER_PRESETS)
