@@ -1,0 +1,122 @@
+"""One ``run(feeds) -> outputs`` interface per runtime. Imports only numpy and the runtime asked
+for (never torch, except the torch reference backend)."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("onnxruntime", "openvino", "coreml", "torch")
+ARTIFACT_PREFIX = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml"}
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The backend is not installed or cannot run on this machine."""
+
+
+def _require(module: str, backend: str, pip: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeUnavailable(f"backend {backend!r} needs the {module!r} package: pip install {pip}") from None
+
+
+class OrtGraph:
+    """onnxruntime InferenceSession; ``device='cuda'`` asks for the CUDA provider and refuses a
+    silent CPU fallback."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+        ort = _require("onnxruntime", "onnxruntime", "onnxruntime (or onnxruntime-gpu on CUDA machines)")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeUnavailable("onnxruntime could not load its CUDA provider (install onnxruntime-gpu with a "
+                                     "matching CUDA/cuDNN); refusing to fall back to CPU silently")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
+
+
+class OpenVinoGraph:
+    """OpenVINO compiled model. ``hint`` is INFERENCE_PRECISION_HINT: f32 for exact parity; bf16 is
+    this CPU's fast default and must be asked for explicitly here."""
+
+    def __init__(self, path: Path, device: str = "CPU", hint: str = "f32", threads: int | None = None):
+        ov = _require("openvino", "openvino", "openvino")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(model, device.upper(), config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        self.input_shapes = {p.get_any_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
+                             for p in self.compiled.inputs}
+        self.provider = f"openvino:{device.upper()}:{hint}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer({k: feeds[k] for k in self.input_names})
+        return [self.request.get_tensor(n).data.copy() for n in self.output_names]
+
+
+class CoreMLGraph:
+    """A Core ML package (macOS only). int64 class labels travel as int32 (Core ML has no int64)."""
+
+    def __init__(self, path: Path, compute_units: str = "ALL"):
+        if platform.system() != "Darwin":
+            raise RuntimeUnavailable("Core ML models run only on macOS/iOS; on this machine use onnxruntime or openvino")
+        ct = _require("coremltools", "coreml", "coremltools")
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        spec = self.model.get_spec()
+        self.input_names = [i.name for i in spec.description.input]
+        self.output_names = [o.name for o in spec.description.output]
+        self.input_shapes = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
+        self.provider = f"coreml:{compute_units}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ins = {k: (feeds[k].astype(np.int32) if feeds[k].dtype == np.int64 else feeds[k]) for k in self.input_names}
+        out = self.model.predict(ins)
+        return [np.asarray(out[n], dtype=np.float32) for n in self.output_names]
+
+
+class TorchGraph:
+    """The torch model itself (reference backend; needs torch and the weights named in the manifest)."""
+
+    def __init__(self, graph: str, manifest: dict, device: str = "cpu"):
+        _require("torch", "torch", "torch")
+        from dcae_edge.checkpoints import load_autoencoder
+        from dcae_edge.denoiser import load_denoiser
+
+        if graph == "transformer":
+            dn, _ = load_denoiser(manifest["denoiser"]["source"])
+            net = dn.to(device).eval()
+            c = dn.config.in_channels
+            self._fn = lambda hs, t, y: net.net(hs, t, y if dn.config.conditional else None)[:, :c]
+            self.input_names = ["hidden_states", "timestep", "class_labels"]
+        else:
+            ae = load_autoencoder(manifest["autoencoder"]["source"], device=device)
+            self._fn = ae.encoder if graph == "vae_encoder" else ae.decoder
+            self.input_names = ["sample"] if graph == "vae_encoder" else ["latent_sample"]
+        self.device = device
+        self.input_shapes = {}
+        self.provider = f"torch:{device}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in self.input_names]
+            return [self._fn(*args).float().cpu().numpy()]

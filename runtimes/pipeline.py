@@ -1,0 +1,256 @@
+"""The app-facing API: open an exported bundle and encode / decode / generate with numpy arrays.
+
+    from runtimes import open_bundle, load_image, to_pil
+    pipe = open_bundle("exports/f64", backend="onnxruntime")        # or "openvino", "coreml"
+    latents = pipe.encode(load_image("photo.jpg", size=512))         # N x 128 x 8 x 8, unscaled
+    images = pipe.decode(latents)                                    # N x 3 x 512 x 512 in [-1, 1]
+    to_pil(pipe.generate(class_labels=[0, 1], steps=30, cfg_scale=3.0, seed=0))[0].save("gen.png")
+
+Imports numpy, Pillow and the chosen runtime only: never torch (except backend="torch", the
+reference). The sampler maths is ``dcae_edge.schedules``, shared with the torch sampler.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dcae_edge import schedules
+
+from .backends import ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable, TorchGraph
+from .images import as_model_input
+from .tiling import tiled_apply
+
+SUPPORTED_MANIFEST_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used as asked; the message says what to do."""
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict:
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise BundleError(f"{path} has no manifest.json: not an exported bundle (make one with python -m export.onnx)")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath} is corrupt ({e}); export the bundle again") from None
+    if m.get("format") != "dcae-edge-bundle":
+        raise BundleError(f"{mpath} is not a dcae-edge bundle manifest")
+    if m.get("manifest_version", 0) > SUPPORTED_MANIFEST_VERSION:
+        raise BundleError(f"{path} was written by a newer dcae-edge (manifest v{m['manifest_version']}, this runtime "
+                          f"reads v{SUPPORTED_MANIFEST_VERSION}); upgrade: pip install -U dcae-edge")
+    if verify:
+        verify_files(path, m, list(m.get("files", {})))
+    return m
+
+
+def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
+    """Refuse missing, truncated or tampered files (size, then sha256 against the manifest)."""
+    from export.bundle import sha256_file
+
+    for rel in files:
+        meta = manifest["files"].get(rel)
+        f = path / rel
+        if meta is None:
+            raise BundleError(f"{f} is not listed in the manifest; the bundle was modified after export")
+        if not f.is_file():
+            raise BundleError(f"{f} is missing from the bundle; copy the whole bundle folder again")
+        if f.stat().st_size != meta["bytes"]:
+            raise BundleError(f"{f} is truncated or altered ({f.stat().st_size} bytes, manifest says {meta['bytes']}); "
+                              "copy the bundle again")
+        if sha256_file(f) != meta["sha256"]:
+            raise BundleError(f"{f} does not match its checksum in the manifest (tampered or corrupt); "
+                              "copy the bundle again or re-export it")
+
+
+class Pipeline:
+    def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.125):
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise BundleError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path, verify=False)
+        self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
+        self.verify = verify
+        self.tile_overlap = tile_overlap
+        self._runners: dict = {}
+        ae = self.manifest["autoencoder"]
+        self.scaling_factor = float(ae["scaling_factor"])
+        self.spatial_compression = int(ae["spatial_compression"])
+        self.resolution = int(self.manifest["resolution"])
+        self.latent_channels = int(ae["config"]["latent_channels"])
+        dn = self.manifest.get("denoiser")
+        self.class_names = (dn or {}).get("class_names", [])
+
+    # ------------------------------------------------------------------------------------------ artifacts
+    def available(self) -> dict[str, list[str]]:
+        return {g: sorted(info["artifacts"]) for g, info in self.manifest["graphs"].items()}
+
+    def _artifact(self, graph: str, resolution: int | None = None) -> tuple[str, dict]:
+        if graph not in self.manifest["graphs"]:
+            hint = " (export it with a denoiser: python -m export.onnx --denoiser ...)" if graph == "transformer" else ""
+            raise BundleError(f"{self.path} has no {graph} graph{hint}; it holds {', '.join(self.manifest['graphs'])}")
+        arts = self.manifest["graphs"][graph]["artifacts"]
+        if self.backend == "torch":
+            return "torch", {}
+        prefix = ARTIFACT_PREFIX[self.backend]
+        if self.backend == "openvino" and self.precision in ("fp32", "bf16"):
+            keys = ["openvino/fp32", "openvino/fp16w"]
+        elif self.backend == "coreml":
+            keys = {"fp16": ["coreml/fp16", "coreml/fp32"], "fp32": ["coreml/fp32"],
+                    "int8": ["coreml/int8w", "coreml/int8"]}.get(self.precision, [])
+            keys = [k for k in arts if k.split("@")[0] in keys]
+            if resolution is not None:  # one fixed-shape package per resolution
+                match = [k for k in keys if arts[k].get("resolution") in (resolution, None)]
+                if keys and not match:
+                    have = sorted({arts[k].get("resolution") for k in keys if arts[k].get("resolution")})
+                    raise BundleError(f"{graph}: no Core ML package for {resolution}px; this bundle has "
+                                      f"{', '.join(map(str, have))}px (python -m export.coreml --resolution ... {resolution})")
+                keys = match
+        else:
+            keys = [f"{prefix}/{self.precision}"]
+        for k in keys:
+            if k in arts:
+                return k, arts[k]
+        raise BundleError(f"{graph}: no {self.backend} {self.precision} artifact in {self.path} (available: "
+                          f"{', '.join(sorted(arts))}); export or calibrate it first")
+
+    def _runner(self, graph: str, resolution: int | None = None):
+        key, info = self._artifact(graph, resolution)
+        cache_key = (graph, key)
+        if cache_key not in self._runners:
+            if self.backend == "torch":
+                runner = TorchGraph(graph, self.manifest, self.device)
+            else:
+                files = info["files"]
+                if self.verify:
+                    verify_files(self.path, self.manifest,
+                                 [f for f in self.manifest["files"] if any(f == x or f.startswith(x + "/") for x in files)])
+                main = self.path / files[0]
+                if self.backend == "onnxruntime":
+                    runner = OrtGraph(main, self.device, self.threads)
+                elif self.backend == "openvino":
+                    hint = "bf16" if self.precision == "bf16" else "f32"
+                    runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device, hint, self.threads)
+                else:
+                    runner = CoreMLGraph(main)
+            runner.static = bool(info.get("fixed_shapes")) or not self.manifest.get("dynamic", True)
+            self._runners[cache_key] = runner
+        return self._runners[cache_key]
+
+    # ------------------------------------------------------------------------------------------ shapes
+    def _branch_ok(self, graph: str, height_px: int, width_px: int) -> bool:
+        g = self.manifest["graphs"][graph]
+        return all(((height_px // s["scale"]) * (width_px // s["scale"]) > g["head_dim"]) == s["linear"]
+                   for s in g.get("attention_stages", []))
+
+    def _run_batched(self, runner, feeds: dict[str, np.ndarray], static_batch: int | None) -> np.ndarray:
+        n = next(iter(feeds.values())).shape[0]
+        if not static_batch or static_batch == n:
+            return runner.run(feeds)[0]
+        outs = [runner.run({k: v[i:i + static_batch] for k, v in feeds.items()})[0] for i in range(0, n, static_batch)]
+        return np.concatenate(outs)
+
+    def _spatial(self, graph: str, x: np.ndarray, in_name: str, scale: float, tile: int | None) -> np.ndarray:
+        """Run an autoencoder graph on NCHW ``x`` directly, or tiled when the graph cannot take its size."""
+        f, res = self.spatial_compression, self.resolution
+        unit = 1 if graph == "vae_encoder" else f  # pixels per input cell
+        h, w = x.shape[2] * unit, x.shape[3] * unit
+        if h % f or w % f:
+            raise BundleError(f"image size {w}x{h} is not a multiple of the compression factor {f}; crop or pad it")
+        static = not self.manifest.get("dynamic", True) or self.backend == "coreml"
+        direct = (not tile) and ((h, w) == (res, res) if static else self._branch_ok(graph, h, w))
+        if direct:
+            runner = self._runner(graph, h if self.backend == "coreml" else None)
+            return self._run_batched(runner, {in_name: x}, 1 if static else None)
+        tile_px = tile or res
+        if h < tile_px or w < tile_px:
+            raise BundleError(f"{graph}: {w}x{h}px cannot run on this bundle ({'static at' if static else 'exported at'} "
+                              f"{res}px, and smaller than one {tile_px}px tile); resize to {res}x{res}, or export at "
+                              f"--resolution {max(f, h // f * f)}")
+        if tile_px % f or (not static and not self._branch_ok(graph, tile_px, tile_px)) or (static and tile_px != res):
+            raise BundleError(f"tile {tile_px}px does not fit this bundle's {graph} graph; use tile={res}")
+        runner = self._runner(graph, tile_px if self.backend == "coreml" else None)
+        overlap = max(f, int(round(tile_px * self.tile_overlap / f)) * f)
+        return tiled_apply(lambda t: self._run_batched(runner, {in_name: t}, 1 if static else None),
+                           x, tile_px // unit, overlap // unit, scale)
+
+    # ------------------------------------------------------------------------------------------ API
+    def encode(self, images, tile: int | None = None) -> np.ndarray:
+        """Images (PIL, uint8 HWC/NHWC, or float NCHW in [-1, 1]) -> unscaled latents (float32 NCHW).
+        Images larger than the graph allows are encoded in overlapping tiles (``tile`` px)."""
+        x = as_model_input(images)
+        return self._spatial("vae_encoder", x, "sample", 1 / self.spatial_compression, tile)
+
+    def decode(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
+        """Unscaled latents -> images float32 NCHW in [-1, 1] (not clipped, like torch)."""
+        z = np.asarray(latents)
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise BundleError(f"latents must be N x {self.latent_channels} x h x w, got {tuple(z.shape)}")
+        if z.dtype != np.float32:
+            z = z.astype(np.float32)
+        return self._spatial("vae_decoder", z, "latent_sample", self.spatial_compression, tile)
+
+    def reconstruct(self, images, tile: int | None = None) -> np.ndarray:
+        return self.decode(self.encode(images, tile), tile)
+
+    def generate(self, class_labels=None, steps: int = 30, cfg_scale: float = 1.0, seed: int = 0,
+                 sampler: str | None = None, n: int = 1, return_latents: bool = False):
+        """Sample with the bundle's denoiser (same maths and noise as ``dcae_edge.sample``), then decode."""
+        dn = self.manifest.get("denoiser")
+        if not dn or "transformer" not in self.manifest["graphs"]:
+            raise BundleError(f"{self.path} has no denoiser: export one with python -m export.onnx --denoiser FILE")
+        cfg = dn["config"]
+        conditional = cfg["num_classes"] > 0
+        if steps < 1:
+            raise BundleError(f"steps must be >= 1, got {steps}")
+        if conditional:
+            if class_labels is None or not len(class_labels):
+                raise BundleError(f"this denoiser is class-conditional: pass class_labels in [0, {cfg['num_classes'] - 1}]"
+                                  + (f" ({', '.join(f'{i}={c}' for i, c in enumerate(self.class_names))})" if self.class_names else ""))
+            labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
+            if labels.min() < 0 or labels.max() >= cfg["num_classes"]:
+                raise BundleError(f"class ids must lie in [0, {cfg['num_classes'] - 1}], got {labels.tolist()}")
+            n = len(labels)
+        else:
+            if class_labels is not None and len(class_labels):
+                raise BundleError("this denoiser is unconditional: pass no class_labels (use n=...)")
+            if cfg_scale != 1.0:
+                raise BundleError("classifier-free guidance needs a class-conditional denoiser; use cfg_scale=1")
+            labels = np.zeros(n, dtype=np.int64)
+        runner = self._runner("transformer")
+        static_batch = 2 if not self.manifest.get("dynamic", True) or self.backend == "coreml" else None
+        null = cfg["num_classes"]
+
+        def model_fn(x, t):
+            if conditional and cfg_scale != 1.0:
+                xin, yin = np.concatenate([x, x]), np.concatenate([labels, np.full_like(labels, null)])
+            else:
+                xin, yin = x, labels
+            tin = np.full(len(xin), t, dtype=np.float32)
+            if static_batch and len(xin) % static_batch:
+                raise BundleError("this static transformer graph runs CFG pairs: use cfg_scale != 1 or a dynamic bundle")
+            out = self._run_batched(runner, {"hidden_states": xin.astype(np.float32), "timestep": tin, "class_labels": yin},
+                                    static_batch)
+            return schedules.guided(out[:n], out[n:], cfg_scale) if len(xin) == 2 * n and cfg_scale != 1.0 else out
+
+        x = schedules.initial_noise((n, cfg["in_channels"], cfg["input_size"], cfg["input_size"]), seed)
+        latents = schedules.sample(cfg["prediction"], model_fn, x, steps, sampler).astype(np.float32)
+        images = self.decode(latents / float(dn["latent_scaling_factor"]))
+        return (images, latents) if return_latents else images
+
+
+def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
+                threads: int | None = None, verify: bool = True) -> Pipeline:
+    """Open an exported bundle (manifest and checksums are checked when a graph is first loaded)."""
+    return Pipeline(bundle, backend, precision, device, threads, verify)
+
+
+__all__ = ["Pipeline", "open_bundle", "read_manifest", "BundleError", "RuntimeUnavailable"]
