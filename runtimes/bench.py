@@ -1,0 +1,285 @@
+"""Benchmarks of an exported bundle on this machine, next to the SD-VAE f8 baseline.
+
+    python -m runtimes.bench --bundle exports/f64 --out docs/bench-f64 [--runs 10] [--threads 2] [--no-baseline]
+
+For every graph x backend x precision in the bundle (ORT fp32/fp16/int8, OpenVINO f32/bf16/int8)
+at batch 1 and 2: warm-up, N timed runs, p50/p90 latency, throughput and peak RSS (each
+configuration runs in its own process so the RSS is its own). The baseline is diffusers'
+AutoencoderKL (SD-VAE f8, random weights suffice for timing) and the same DiT as the bundle's
+denoiser on SD-VAE latents with patch 2 (64x64x4 -> 1024 tokens at 512px), exported to ONNX and
+OpenVINO the same way; end-to-end 512px generation time (steps x denoiser at CFG batch 2 + one
+decode) is reported for both pipelines. Writes JSON, Markdown and a chart PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
+def _make_runner(kind: str, path: str, precision: str, threads: int):
+    from .backends import OpenVinoGraph, OrtGraph
+
+    if kind == "onnxruntime":
+        return OrtGraph(Path(path), "cpu", threads)
+    return OpenVinoGraph(Path(path), "CPU", "bf16" if precision == "bf16" else "f32", threads)
+
+
+def _time_one(args) -> dict:
+    """Child process: build the runner, warm up, time. Returns latencies and peak RSS."""
+    kind, path, precision, feeds_file, runs, warmup, threads = args
+    feeds = dict(np.load(feeds_file))
+    t = time.perf_counter()
+    runner = _make_runner(kind, path, precision, threads)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    runner.run(feeds)
+    first_ms = (time.perf_counter() - t) * 1000
+    for _ in range(max(0, warmup - 1)):
+        runner.run(feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        runner.run(feeds)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"load_s": round(load_s, 2), "first_ms": round(first_ms, 1), "p50_ms": round(statistics.median(times), 2),
+            "p90_ms": round(float(np.percentile(times, 90)), 2), "runs": runs,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def time_config(kind, path, precision, feeds, runs, warmup, threads) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
+        np.savez(f, **feeds)
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_time_one, ((kind, path, precision, f.name, runs, warmup, threads),))
+    except Exception as e:  # noqa: BLE001 - one failing configuration is reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        os.unlink(f.name)
+
+
+def feeds_for(graph: str, manifest: dict, batch: int) -> dict:
+    from dcae_edge.schedules import initial_noise
+
+    res, f = manifest["resolution"], manifest["autoencoder"]["spatial_compression"]
+    if graph == "vae_encoder":
+        from dcae_edge.data import sample_photos
+
+        return {"sample": sample_photos(res, batch).numpy()}
+    if graph == "vae_decoder":
+        c = manifest["autoencoder"]["config"]["latent_channels"]
+        return {"latent_sample": initial_noise((batch, c, res // f, res // f), 0) * 3}
+    cfg = manifest["denoiser"]["config"]
+    return {"hidden_states": initial_noise((batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"]), 0),
+            "timestep": np.full(batch, 500.0, np.float32), "class_labels": np.zeros(batch, np.int64)}
+
+
+def bundle_configs(bundle: Path, manifest: dict) -> list[tuple]:
+    out = []
+    for graph, info in manifest["graphs"].items():
+        for key, art in info["artifacts"].items():
+            fmt, prec = key.split("@")[0].split("/")
+            if fmt == "onnx":
+                out.append((graph, "onnxruntime", prec, bundle / art["files"][0]))
+            elif fmt == "openvino":
+                for p in (("fp32", "bf16") if prec in ("fp32", "fp16w") else (prec,)):
+                    out.append((graph, "openvino", p, bundle / art["files"][0]))
+    return out
+
+
+def baseline_models(manifest: dict, cache: Path) -> dict:
+    """SD-VAE f8 encoder/decoder and the bundle's DiT on f8p2 latents, exported once (random weights)."""
+    import torch
+
+    cache.mkdir(parents=True, exist_ok=True)
+    res = manifest["resolution"]
+    paths = {"sd-vae decoder": cache / "sdvae_decoder.onnx", "sd-vae encoder": cache / "sdvae_encoder.onnx",
+             "dit f8p2": cache / "dit_f8p2.onnx"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    from diffusers import AutoencoderKL
+
+    from dcae_edge.denoiser import Denoiser, DenoiserConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4).eval()
+
+    class Dec(torch.nn.Module):
+        def forward(self, z):
+            return vae.decode(z).sample
+
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            return vae.encode(x).latent_dist.mean
+
+    cfg = dict(manifest["denoiser"]["config"]) if manifest.get("denoiser") else {"arch": "dit", "hidden_size": 192, "depth": 6,
+                                                                                  "num_heads": 4, "num_classes": 4}
+    cfg.update(input_size=res // 8, in_channels=4, patch_size=2)
+    dit = Denoiser(DenoiserConfig.from_dict(cfg)).eval()
+
+    class Net(torch.nn.Module):
+        def forward(self, h, t, y):
+            return dit.net(h, t, y if dit.config.conditional else None)
+
+    with torch.no_grad():
+        for name, mod, args in (("sd-vae decoder", Dec(), (torch.randn(1, 4, res // 8, res // 8),)),
+                                ("sd-vae encoder", Enc(), (torch.rand(1, 3, res, res) * 2 - 1,)),
+                                ("dit f8p2", Net(), (torch.randn(2, 4, res // 8, res // 8), torch.full((2,), 500.0),
+                                                     torch.zeros(2, dtype=torch.long)))):
+            torch.onnx.export(mod, args, str(paths[name]), dynamo=True, opset_version=18, external_data=False)
+    return paths
+
+
+def baseline_feeds(name: str, res: int, batch: int, path: Path) -> dict:
+    import onnxruntime as ort
+
+    names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
+    rng = np.random.default_rng(0)
+    if name == "sd-vae decoder":
+        vals = [rng.standard_normal((batch, 4, res // 8, res // 8)).astype(np.float32)]
+    elif name == "sd-vae encoder":
+        vals = [rng.uniform(-1, 1, (batch, 3, res, res)).astype(np.float32)]
+    else:
+        vals = [rng.standard_normal((batch, 4, res // 8, res // 8)).astype(np.float32),
+                np.full(batch, 500.0, np.float32), np.zeros(batch, np.int64)]
+    return dict(zip(names, vals))
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "p50_ms" in r and r["batch"] == (2 if r["graph"] in ("transformer", "dit f8p2") else 1)]
+    labels = [f"{r['graph']}\n{r['backend']} {r['precision']}" for r in ok]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(ok)), 4.5))
+    colors = ["tab:orange" if r.get("baseline") else "tab:blue" for r in ok]
+    ax.bar(range(len(ok)), [r["p50_ms"] for r in ok], color=colors)
+    ax.set_yscale("log")
+    ax.set_ylabel("p50 latency (ms, log)")
+    ax.set_xticks(range(len(ok)), labels, rotation=70, ha="right", fontsize=7)
+    ax.set_title(title + "  (blue: DC-AE bundle, orange: SD-VAE f8 baseline)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30, help="denoising steps for the end-to-end estimate")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--cache", default=".cache/bench", type=Path)
+    args = ap.parse_args(argv)
+    from .pipeline import read_manifest
+
+    manifest = read_manifest(args.bundle)
+    rows = []
+    for graph, backend, prec, path in bundle_configs(args.bundle, manifest):
+        for batch in (1, 2) if graph != "transformer" else (2, 4):
+            static = not manifest.get("dynamic", True)
+            if static and batch != (2 if graph == "transformer" else 1):
+                continue
+            r = {"graph": graph, "backend": backend, "precision": prec, "batch": batch,
+                 **time_config(backend, str(path), prec, feeds_for(graph, manifest, batch), args.runs, args.warmup, args.threads)}
+            if "p50_ms" in r:
+                r["items_per_s"] = round(batch * 1000 / r["p50_ms"], 2)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if not args.no_baseline:
+        for name, path in baseline_models(manifest, args.cache).items():
+            batch = 2 if name == "dit f8p2" else 1
+            runs = max(2, args.runs // 3) if "vae" in name else args.runs
+            for backend, prec in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
+                r = {"graph": name, "backend": backend, "precision": prec, "batch": batch, "baseline": True,
+                     **time_config(backend, str(path), prec, baseline_feeds(name, manifest["resolution"], batch, path),
+                                   runs, 1, args.threads)}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    e2e = end_to_end(rows, args.steps)
+    report = {"bundle": str(args.bundle), "resolution": manifest["resolution"], "machine": machine(),
+              "threads": args.threads, "runs": args.runs, "rows": rows, "end_to_end": e2e,
+              "command": "python -m runtimes.bench " + " ".join(argv or __import__("sys").argv[1:])}
+    out = Path(args.out or args.bundle / "bench")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(to_markdown(report))
+    chart(rows, out.with_suffix(".png"), f"{args.bundle.name} @ {manifest['resolution']}px, {args.threads} threads")
+    print(to_markdown(report))
+    return 0
+
+
+def end_to_end(rows: list[dict], steps: int) -> list[dict]:
+    """steps x denoiser (CFG batch 2) + one decode, per backend/precision present for both parts."""
+    def p50(graph, backend, prec, batch):
+        for r in rows:
+            if (r["graph"], r["backend"], r["precision"], r["batch"]) == (graph, backend, prec, batch) and "p50_ms" in r:
+                return r["p50_ms"]
+        return None
+
+    out = []
+    for backend, prec in sorted({(r["backend"], r["precision"]) for r in rows}):
+        for name, den, dec in (("DC-AE", "transformer", "vae_decoder"), ("SD-VAE f8p2", "dit f8p2", "sd-vae decoder")):
+            d, v = p50(den, backend, prec, 2), p50(dec, backend, prec, 1)
+            if d is not None and v is not None:
+                out.append({"pipeline": name, "backend": backend, "precision": prec, "steps": steps,
+                            "denoiser_ms": d, "decode_ms": v, "total_s": round((steps * d + v) / 1000, 3)})
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Benchmark of `{report['bundle']}` at {report['resolution']}px on {m['cpu']} ({m['cores']} cores, "
+             f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up; "
+             "each configuration in its own process.", "", f"Command: `{report['command']}`", "",
+             "| graph | backend | precision | batch | p50 ms | p90 ms | items/s | first run ms | load s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        name = r["graph"] + (" (baseline)" if r.get("baseline") else "")
+        if "error" in r:
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | error: {r['error']} | | | | | |")
+        else:
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']} | {r['p90_ms']} | "
+                         f"{r.get('items_per_s', round(r['batch'] * 1000 / r['p50_ms'], 2))} | {r['first_ms']} | "
+                         f"{r['load_s']} | {r['peak_rss_mb']} |")
+    if report["end_to_end"]:
+        lines += ["", f"End-to-end {report['resolution']}px generation (steps x denoiser at CFG batch 2 + one decode):", "",
+                  "| pipeline | backend | precision | steps | denoiser step ms | decode ms | total s |", "|---|---|---|---|---|---|---|"]
+        for e in report["end_to_end"]:
+            lines.append(f"| {e['pipeline']} | {e['backend']} | {e['precision']} | {e['steps']} | {e['denoiser_ms']} | "
+                         f"{e['decode_ms']} | {e['total_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
