@@ -1,0 +1,226 @@
+"""INT8 calibration (python -m calibration) on a tiny f64c128 bundle: every backend that works on
+Linux produces graphs that really hold int8 computation, gates are enforced, bad calibration
+sets fail clearly, and a failed run leaves the bundle byte-identical."""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from calibration import CalibrationError
+from calibration.__main__ import run_cli
+from calibration.data import FeedSet, check_feeds, trajectory_feeds
+from conftest import ROOT, make_model, tiny_edge_f64
+
+# small sets keep the whole file around a minute on 2 cores
+FAST = ["--num-samples", "4", "--num-eval", "2", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A static 128px bundle (encoder, decoder, a tiny DiT) exported for ONNX, OpenVINO and Core ML."""
+    from dcae_edge.checkpoints import save_autoencoder
+    from dcae_edge.denoiser import build_denoiser, save_denoiser
+    from export import coreml, onnx, openvino
+
+    tmp = tmp_path_factory.mktemp("calib")
+    save_autoencoder(make_model(tiny_edge_f64()), tmp / "ae.safetensors")
+    dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=4, hidden_size=32, depth=1)
+    g = torch.Generator().manual_seed(0)
+    # DiT's output layer starts at zero: give it weights so outputs mean something (only the final
+    # layer: export.openvino's f32 check currently fails for DiTs with non-zero adaLN blocks)
+    with torch.no_grad():
+        for name, p in dn.named_parameters():
+            if name.startswith("net.final"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    save_denoiser(dn, tmp / "dn.safetensors")
+    out = tmp / "bundle"
+    common = ["--variant", "f64", "--weights", str(tmp / "ae.safetensors"), "--denoiser", str(tmp / "dn.safetensors"),
+              "--out", str(out), "--resolution", "128", "--static"]
+    onnx.main(common)
+    openvino.main(common)
+    coreml.main(common + ["--graphs", "vae_decoder", "transformer"])
+    return out
+
+
+@pytest.fixture
+def copy(bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Calibration-set cache and photo folders: the packaged photos, split by photo (data/ is not in git)."""
+    from dcae_edge.data import ASSET_PHOTOS
+
+    root = tmp_path_factory.mktemp("cache")
+    assets = ROOT / "dcae_edge" / "assets"
+    for folder, names in (("calibration", ASSET_PHOTOS[:2]), ("eval", ASSET_PHOTOS[2:])):
+        (root / folder).mkdir()
+        for name in names:
+            shutil.copy(assets / f"{name}.jpg", root / folder)
+    return root
+
+
+def calibrate(path, backend, cache, *extra) -> int:
+    return run_cli(["--bundle", str(path), "--backend", backend, "--cache-dir", str(cache / "sets"),
+                    "--data", str(cache / "calibration"), "--eval-data", str(cache / "eval"), *FAST, *extra])
+
+
+def manifest(path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_onnxruntime_int8_qdq_graphs_and_report(copy, cache):
+    # the encoder gate sits above what plain INT8 reaches: the sensitivity rounds must keep nodes in float
+    assert calibrate(copy, "onnxruntime", cache, "--encoder-min-cosine", "0.993") == 0
+    import onnx
+
+    m = manifest(copy)
+    for graph in ("vae_encoder", "vae_decoder", "transformer"):
+        art = m["graphs"][graph]["artifacts"]["onnx/int8"]
+        model = onnx.load(str(copy / art["files"][0]))
+        ops = collections.Counter(n.op_type for n in model.graph.node)
+        q_out = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        pairs = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_out)
+        int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+        assert pairs >= 5 and ops["QuantizeLinear"] >= 5 and len(int8) >= 5, (graph, ops)
+        assert art["counts"]["qdq_pairs"] == pairs and art["gate"]["pass"]
+        assert art["calibration_set"]["hash"].startswith("sha256:") and art["calibration_set"]["size"] >= 3
+        assert art["settings"]["activations"] == "QUInt8"
+    enc = m["graphs"]["vae_encoder"]["artifacts"]["onnx/int8"]
+    assert enc["gate"]["value"] >= 0.993 and enc["excluded_nodes"], "the sensitivity step kept nothing in float"
+    assert all("SQNR" in e["reason"] for e in enc["excluded_nodes"])
+    summary = m["calibration"]["onnxruntime"]
+    assert summary["gates"]["end_to_end"]["pass"] and summary["gates"]["end_to_end"]["value"] <= 0.3
+    for f in ("onnxruntime.json", "onnxruntime.md", "onnxruntime.png"):
+        assert (copy / "calibration" / f).is_file()
+    assert "Kept in float" in (copy / "calibration" / "onnxruntime.md").read_text()
+
+
+def test_openvino_int8_fake_quantize(copy, cache):
+    assert calibrate(copy, "openvino", cache) == 0
+    import openvino as ov
+
+    m = manifest(copy)
+    core = ov.Core()
+    for graph in ("vae_encoder", "vae_decoder", "transformer"):
+        art = m["graphs"][graph]["artifacts"]["openvino/int8"]
+        ir = core.read_model(str(copy / art["files"][0]))
+        ops = collections.Counter(op.get_type_name() for op in ir.get_ops())
+        int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")]
+        assert ops["FakeQuantize"] >= 3 and len(int8) >= 3, (graph, ops)
+        assert art["gate"]["pass"] and art["counts"]["FakeQuantize"] == ops["FakeQuantize"]
+    assert m["calibration"]["openvino"]["gates"]["end_to_end"]["pass"]
+
+
+def test_coreml_int8_weights(copy, cache, capsys):
+    assert calibrate(copy, "coreml", cache) == 0
+    assert "activation quantization skipped" in capsys.readouterr().out
+    from coremltools.proto import MIL_pb2
+
+    from export.coreml import import_coremltools
+
+    ct = import_coremltools()
+    m = manifest(copy)
+    assert set(m["calibration"]["coreml"]["graphs"]) == {"vae_decoder", "transformer"}  # the Core ML graphs exported
+    for graph in ("vae_decoder", "transformer"):
+        art = m["graphs"][graph]["artifacts"]["coreml/int8w"]
+        spec = ct.models.MLModel(str(copy / art["files"][0]), skip_model_load=True).get_spec()
+        func = spec.mlProgram.functions["main"]
+        ops = [op for op in func.block_specializations[func.opset].operations if op.type == "constexpr_affine_dequantize"]
+        int8 = [op for op in ops if MIL_pb2.DataType.Name(op.attributes["quantized_data"].type.tensorType.dataType) == "INT8"]
+        assert len(int8) >= 3, graph
+        assert art["gate"]["pass"] and art["counts"]["simulated_weights"] == art["counts"]["compressed_weights"]
+
+
+def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, cache, capsys):
+    before = (copy / "manifest.json").read_bytes()
+    files = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    rc = calibrate(copy, "onnxruntime", cache, "--graphs", "vae_decoder", "--decoder-min-psnr", "200", "--max-rounds", "2")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "vae_decoder INT8 misses its gate" in err and "the bundle was not modified" in err
+    assert (copy / "manifest.json").read_bytes() == before
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == files
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".bundle")]  # no staging/backup left over
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "set.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no usable images"),
+    ("missing", "python -m dcae_edge.photos --out data/photos"),
+    ("nan", "NaN/Inf"),
+    ("resolution", "the graph takes [1, 3, 128, 128]"),
+    ("channels", "the graph takes [1, 128, 2, 2]"),
+])
+def test_bad_calibration_sets_are_refused(copy, cache, tmp_path, capsys, case, message):
+    rng = np.random.default_rng(0)
+    if case == "empty":
+        (tmp_path / "empty").mkdir()
+        data, graph = tmp_path / "empty", "vae_encoder"
+    elif case == "missing":
+        data, graph = tmp_path / "nowhere", "vae_encoder"
+    elif case == "nan":
+        z = rng.standard_normal((3, 1, 128, 2, 2)).astype(np.float32)
+        z[1, 0, 5] = np.nan
+        data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": z}), "vae_decoder"
+    elif case == "resolution":
+        data, graph = _npz(tmp_path, **{"vae_encoder.sample": rng.uniform(-1, 1, (3, 1, 3, 64, 64)).astype(np.float32)}), "vae_encoder"
+    else:
+        data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": rng.standard_normal((3, 1, 32, 2, 2)).astype(np.float32)}), "vae_decoder"
+    before = (copy / "manifest.json").read_bytes()
+    assert calibrate(copy, "onnxruntime", cache, "--graphs", graph, "--data", str(data)) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert (copy / "manifest.json").read_bytes() == before
+
+
+def test_missing_backend_artifact_names_the_export_command(copy, cache, capsys):
+    assert calibrate(copy, "coreml", cache, "--graphs", "vae_encoder") == 2
+    assert "python -m export.coreml" in capsys.readouterr().err
+
+
+def test_trajectory_feeds_cover_the_schedule_in_cfg_batches():
+    manifest = {"denoiser": {"config": {"in_channels": 4, "input_size": 2, "num_classes": 3, "prediction": "flow"},
+                             "sampler": "euler"}}
+    seen = []
+
+    def fp32(feeds):  # a stand-in denoiser: records its inputs, predicts zero velocity
+        seen.append(feeds)
+        return [np.zeros_like(feeds["hidden_states"])]
+
+    feeds = trajectory_feeds(fp32, manifest, batch=2, count=7, steps=4, cfg_scale=3.0, seed=0)
+    assert len(feeds) == 8 and feeds == seen  # whole trajectories: 2 x 4 steps
+    for f in feeds:
+        assert f["hidden_states"].shape == (2, 4, 2, 2) and f["timestep"].dtype == np.float32
+        assert f["class_labels"].dtype == np.int64 and f["class_labels"][1] == 3  # second half = null class
+        assert np.array_equal(f["hidden_states"][0], f["hidden_states"][1])        # same latent, cond + uncond
+    times = sorted({float(f["timestep"][0]) for f in feeds})
+    assert times[-1] == 1000.0 and times[0] <= 250.0  # from pure noise to the last step
+    assert len({int(f["class_labels"][0]) for f in feeds}) == 2  # one class per trajectory
+
+
+def test_check_feeds_rejects_wrong_dtype():
+    manifest = {"resolution": 128, "dynamic": False, "autoencoder": {"spatial_compression": 64},
+                "graphs": {"transformer": {"inputs": [
+                    {"name": "hidden_states", "dtype": "float32", "shape": ["batch", 128, 2, 2]},
+                    {"name": "timestep", "dtype": "float32", "shape": ["batch"]},
+                    {"name": "class_labels", "dtype": "int64", "shape": ["batch"]}]}}}
+    feeds = {"hidden_states": np.zeros((2, 128, 2, 2), np.float32), "timestep": np.zeros(2, np.float32),
+             "class_labels": np.zeros(2, np.int32)}
+    with pytest.raises(CalibrationError, match="class_labels.*int32, the graph takes int64"):
+        check_feeds(FeedSet("transformer", "calibration", [feeds], "test"), manifest)
+    with pytest.raises(CalibrationError, match="is empty"):
+        check_feeds(FeedSet("transformer", "calibration", [], "test"), manifest)

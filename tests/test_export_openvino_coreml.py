@@ -1,0 +1,133 @@
+"""OpenVINO IR and Core ML export from the shared graph specs: every family, OpenVINO parity on
+real photos with the f32 hint, Core ML spec checks (prediction only on macOS)."""
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model, tiny_edge_f64, tiny_in_mix, tiny_sana
+from dcae_edge.checkpoints import save_autoencoder
+from dcae_edge.denoiser import build_denoiser, save_denoiser
+from export.bundle import sha256_file
+
+
+@pytest.fixture(scope="module")
+def f64_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ovc")
+    save_autoencoder(make_model(tiny_edge_f64(), seed=1), d / "ae.safetensors")
+    torch.manual_seed(0)
+    dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=3, hidden_size=32, depth=2)
+    for p in dn.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_denoiser(dn, d / "dn.safetensors")
+    return d
+
+
+def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
+    from export import openvino as ov
+
+    out = f64_files / "bundle"
+    ov.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", str(f64_files / "dn.safetensors"),
+             "--out", str(out), "--resolution", "128"])
+    m = json.loads((out / "manifest.json").read_text())
+    for graph in ("vae_encoder", "vae_decoder", "transformer"):
+        art = m["graphs"][graph]["artifacts"]["openvino/fp32"]
+        assert art["validation"]["pass"], graph
+        assert all(r["max_abs"] <= 1e-4 + 1e-5 * 10 for r in art["validation"]["results"])
+        assert len(art["validation"]["results"]) >= 2  # export shape + an unseen batch/size
+        assert "validation_bf16" in art  # the CPU's default precision is measured separately
+        assert (out / graph / "openvino_model.xml").is_file() and (out / graph / "openvino_model.bin").is_file()
+    assert m["graphs"]["vae_decoder"]["artifacts"]["openvino/fp32"]["runtime_options"] == {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
+
+
+@pytest.mark.parametrize("cfg_fn", [tiny_in_mix, tiny_sana], ids=["in-mix", "sana"])
+def test_openvino_families_on_real_photos(cfg_fn, tmp_path):
+    import openvino as ov
+
+    from export.common import validate
+    from export.openvino import convert_graph, ov_runner
+    from export.specs import vae_decoder_spec, vae_encoder_spec
+
+    model = make_model(cfg_fn(), seed=2)
+    core = ov.Core()
+    for spec in (vae_encoder_spec(model, 128), vae_decoder_spec(model, 128)):
+        unit = 128 // spec.spatial_scale
+        ir, _ = convert_graph(spec, {"batch": 1, "height": unit, "width": unit}, dynamic=True)
+        run, executed = ov_runner(core, ir, spec, "f32")
+        v = validate(spec, run, [{"batch": 1, "height": unit, "width": unit}], "fp32", "openvino f32")
+        assert v["pass"] and executed == "f32"
+
+
+def test_one_bundle_holds_onnx_openvino_and_coreml(f64_files, tmp_path):
+    from export import coreml, onnx, openvino
+
+    out = tmp_path / "bundle"
+    args = ["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none", "--out", str(out),
+            "--resolution", "128", "--graphs", "vae_decoder"]
+    onnx.main(args + ["--static"])
+    openvino.main(args + ["--static"])
+    coreml.main(args + ["--quantize-weights", "int8"])
+    m = json.loads((out / "manifest.json").read_text())
+    arts = m["graphs"]["vae_decoder"]["artifacts"]
+    assert {"onnx/fp32", "openvino/fp32", "coreml/fp16", "coreml/int8w"} <= set(arts)
+    for rel, meta in m["files"].items():
+        assert sha256_file(out / rel) == meta["sha256"], rel
+    checks = arts["coreml/fp16"]["spec_checks"]
+    assert [r["name"] for r in checks["inputs"]] == ["latent_sample"] and checks["inputs"][0]["shape"] == [1, 128, 2, 2]
+    assert [r["name"] for r in checks["outputs"]] == ["sample"] and checks["outputs"][0]["shape"] == [1, 3, 128, 128]
+    assert arts["coreml/int8w"]["spec_checks"]["ops"].get("weights", 0) > 0  # int8 weights really present
+    ops = checks["ops"]
+    assert ops.get("fp32", 0) > 0 and ops.get("fp16", 0) > 0  # delicate ops kept fp32 inside an fp16 program
+    pkg = out / "vae_decoder" / "model.mlpackage"
+    assert pkg.is_dir() and (pkg / "Manifest.json").is_file()
+
+
+def test_coreml_package_spec_and_metadata(f64_files, tmp_path):
+    import coremltools as ct
+
+    from export import coreml
+
+    out = tmp_path / "bundle"
+    coreml.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser",
+                 str(f64_files / "dn.safetensors"), "--out", str(out), "--resolution", "128"])
+    for graph, ins, outs in (("vae_encoder", ["sample"], ["latent_sample"]), ("vae_decoder", ["latent_sample"], ["sample"]),
+                             ("transformer", ["hidden_states", "timestep", "class_labels"], ["sample"])):
+        spec = ct.models.MLModel(str(out / graph / "model.mlpackage"), skip_model_load=True).get_spec()
+        assert [i.name for i in spec.description.input] == ins
+        assert [o.name for o in spec.description.output] == outs
+        meta = dict(spec.description.metadata.userDefined)
+        assert "scaling_factor" in json.dumps(meta) or "scaling_factor" in meta
+    dec = ct.models.MLModel(str(out / "vae_decoder" / "model.mlpackage"), skip_model_load=True).get_spec()
+    assert list(dec.description.input[0].type.multiArrayType.shape) == [1, 128, 2, 2]
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML prediction only runs on macOS")
+def test_coreml_prediction_parity_on_macos(f64_files, tmp_path):
+    from export import coreml
+
+    out = tmp_path / "bundle"
+    coreml.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none",
+                 "--out", str(out), "--resolution", "128"])
+    m = json.loads((out / "manifest.json").read_text())
+    for graph in ("vae_encoder", "vae_decoder"):
+        v = m["graphs"][graph]["artifacts"]["coreml/fp16"]["validation"]
+        assert v["pass"] and all(r["psnr"] >= 40 for r in v["results"])
+
+
+def test_coreml_runtime_refuses_unexported_resolution(f64_files, tmp_path):
+    from export import coreml
+    from runtimes import BundleError, RuntimeUnavailable, open_bundle
+
+    out = tmp_path / "bundle"
+    coreml.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none",
+                 "--out", str(out), "--resolution", "128", "--graphs", "vae_encoder"])
+    pipe = open_bundle(out, backend="coreml", precision="fp16")
+    with pytest.raises(BundleError, match="no Core ML package for 192px; this bundle has 128px"):
+        pipe._artifact("vae_encoder", 192)
+    if platform.system() != "Darwin":
+        with pytest.raises(RuntimeUnavailable, match="macOS"):
+            pipe.encode(np.zeros((128, 128, 3), np.uint8))
