@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 GRAPH_NAMES = ("vae_encoder", "vae_decoder", "transformer")
 
@@ -113,36 +114,39 @@ def _evit_stages(types, depths, head_dim, height, width, scale_of) -> list[dict]
             for i, (t, d) in enumerate(zip(types, depths)) if t == "EfficientViTBlock" and d > 0]
 
 
-class _EncoderGraph:
-    """torch wrapper: sample -> latent_sample (unscaled), no input checks (they break tracing)."""
+class VaeEncoderGraph(torch.nn.Module):
+    """sample -> latent_sample (unscaled). No input checks: they are data-dependent and break tracing."""
 
-    def __new__(cls, ae):
-        import torch
+    def __init__(self, ae):
+        super().__init__()
+        self.encoder = ae.encoder
 
-        class VaeEncoder(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.encoder = ae.encoder
-
-            def forward(self, sample):
-                return self.encoder(sample)
-
-        return VaeEncoder().eval()
+    def forward(self, sample):
+        return self.encoder(sample)
 
 
-class _DecoderGraph:
-    def __new__(cls, ae):
-        import torch
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, ae):
+        super().__init__()
+        self.decoder = ae.decoder
 
-        class VaeDecoder(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.decoder = ae.decoder
+    def forward(self, latent_sample):
+        return self.decoder(latent_sample)
 
-            def forward(self, latent_sample):
-                return self.decoder(latent_sample)
 
-        return VaeDecoder().eval()
+class TransformerGraph(torch.nn.Module):
+    """(hidden_states, timestep, class_labels) -> the prediction's first C channels (DiT's learned
+    variance is dropped: the samplers do not use it)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.net = denoiser.net
+        self.channels = denoiser.config.in_channels
+        self.conditional = denoiser.config.conditional
+
+    def forward(self, hidden_states, timestep, class_labels):
+        out = self.net(hidden_states, timestep, class_labels if self.conditional else None)
+        return out[:, : self.channels]
 
 
 AE_FP16_KEEP_OPS = ("MatMul", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Clip", "Max")
@@ -159,7 +163,7 @@ def vae_encoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
         return {"sample": x}
 
     return GraphSpec(
-        name="vae_encoder", module=_EncoderGraph(ae),
+        name="vae_encoder", module=VaeEncoderGraph(ae).eval(),
         inputs=[TensorSpec("sample", "float32", ("batch", ae.config.in_channels, "height", "width"))],
         outputs=[TensorSpec("latent_sample", "float32", ("batch", ae.config.latent_channels, f"height / {f}", f"width / {f}"))],
         example_inputs=examples, tolerances=TENSOR_TOLERANCES, fp16_keep_ops=AE_FP16_KEEP_OPS,
@@ -169,8 +173,6 @@ def vae_encoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
 
 
 def vae_decoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
-    import torch
-
     from dcae_edge.data import sample_photos
 
     width = width or height
@@ -185,7 +187,7 @@ def vae_decoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
     stages = _evit_stages(ae.config.decoder_block_types, ae.config.decoder_layers_per_block,
                           ae.config.attention_head_dim, height, width, lambda i: 2**i)
     spec = GraphSpec(
-        name="vae_decoder", module=_DecoderGraph(ae),
+        name="vae_decoder", module=VaeDecoderGraph(ae).eval(),
         inputs=[TensorSpec("latent_sample", "float32", ("batch", ae.config.latent_channels, "height", "width"))],
         outputs=[TensorSpec("sample", "float32", ("batch", ae.config.in_channels, f"height * {f}", f"width * {f}"))],
         example_inputs=examples, tolerances=IMAGE_TOLERANCES, fp16_keep_ops=AE_FP16_KEEP_OPS,
@@ -195,21 +197,10 @@ def vae_decoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
 
 # ---------------------------------------------------------------------------------------------- denoiser
 def transformer_spec(denoiser, steps: int = 10, cfg_scale: float = 3.0) -> GraphSpec:
-    import torch
-
     from dcae_edge.sample import generate_latents
 
     cfg = denoiser.config
     c, s = cfg.in_channels, cfg.input_size
-
-    class Transformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = denoiser.net
-
-        def forward(self, hidden_states, timestep, class_labels):
-            out = self.net(hidden_states, timestep, class_labels if cfg.conditional else None)
-            return out[:, :c] if cfg.learn_sigma else out
 
     def examples(sizes):  # exactly `batch` inputs recorded along a real sampling trajectory (CFG batch 2N)
         batch = sizes.get("batch", 2)
@@ -226,7 +217,7 @@ def transformer_spec(denoiser, steps: int = 10, cfg_scale: float = 3.0) -> Graph
         return {"hidden_states": hs.numpy(), "timestep": ts.numpy().astype(np.float32), "class_labels": ys.numpy().astype(np.int64)}
 
     return GraphSpec(
-        name="transformer", module=Transformer().eval(),
+        name="transformer", module=TransformerGraph(denoiser).eval(),
         inputs=[TensorSpec("hidden_states", "float32", ("batch", c, s, s)), TensorSpec("timestep", "float32", ("batch",)),
                 TensorSpec("class_labels", "int64", ("batch",))],
         outputs=[TensorSpec("sample", "float32", ("batch", c, s, s))],

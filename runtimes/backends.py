@@ -93,23 +93,23 @@ class CoreMLGraph:
 
 
 class TorchGraph:
-    """The torch model itself (reference backend; needs torch and the weights named in the manifest)."""
+    """The torch model itself (reference backend; needs torch and the weights named in the manifest),
+    wrapped exactly as it was exported (export.specs)."""
 
     def __init__(self, graph: str, manifest: dict, device: str = "cpu"):
         _require("torch", "torch", "torch")
         from dcae_edge.checkpoints import load_autoencoder
         from dcae_edge.denoiser import load_denoiser
+        from export.specs import TransformerGraph, VaeDecoderGraph, VaeEncoderGraph
 
         if graph == "transformer":
-            dn, _ = load_denoiser(manifest["denoiser"]["source"])
-            net = dn.to(device).eval()
-            c = dn.config.in_channels
-            self._fn = lambda hs, t, y: net.net(hs, t, y if dn.config.conditional else None)[:, :c]
+            self.module = TransformerGraph(load_denoiser(manifest["denoiser"]["source"])[0])
             self.input_names = ["hidden_states", "timestep", "class_labels"]
         else:
-            ae = load_autoencoder(manifest["autoencoder"]["source"], device=device)
-            self._fn = ae.encoder if graph == "vae_encoder" else ae.decoder
+            ae = load_autoencoder(manifest["autoencoder"]["source"])
+            self.module = VaeEncoderGraph(ae) if graph == "vae_encoder" else VaeDecoderGraph(ae)
             self.input_names = ["sample"] if graph == "vae_encoder" else ["latent_sample"]
+        self.module = self.module.to(device).eval()
         self.device = device
         self.input_shapes = {}
         self.provider = f"torch:{device}"
@@ -119,4 +119,4 @@ class TorchGraph:
 
         with torch.no_grad():
             args = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in self.input_names]
-            return [self._fn(*args).float().cpu().numpy()]
+            return [self.module(*args).float().cpu().numpy()]
