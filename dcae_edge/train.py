@@ -62,6 +62,7 @@ class TrainConfig:
     lr: float = 0.0                    # 0 = phase default (paper)
     weight_decay: float = -1.0         # <0 = phase default
     warmup: int = 100
+    lr_schedule: str = "constant"      # constant | cosine (anneal to 10% at --steps)
     perceptual: str = "auto"           # auto | lpips | ms-ssim | none
     perceptual_weight: float = 0.25
     gan_weight: float = 0.1            # phase 3 only
@@ -177,6 +178,18 @@ class ReconstructionLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- train
+def lr_at(step: int, base_lr: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine annealing to 10% of the base rate at --steps."""
+    if step < cfg.warmup:
+        return base_lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    if cfg.lr_schedule != "constant":
+        raise ValueError(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    return base_lr
+
+
 def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
@@ -265,7 +278,7 @@ def train(cfg: TrainConfig) -> dict:
         crops, _ = data.random_crops(cfg.batch_size, res, step_generator(cfg.seed, step, dist_info.rank))
         x = to_model_range(crops)
         for g in opt.param_groups:
-            g["lr"] = base_lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            g["lr"] = lr_at(step, base_lr, cfg)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             recon = model(x).float()
             g_loss = -disc(recon).float().mean() if disc is not None else None
