@@ -21,14 +21,14 @@ FAST = ["--num-samples", "4", "--num-eval", "2", "--steps", "3"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A static 128px bundle (encoder, decoder, a tiny DiT) exported for ONNX, OpenVINO and Core ML."""
+def models(tmp_path_factory):
+    """A tiny f64c128 autoencoder and a tiny class-conditional DiT, saved."""
     from dcae_edge.checkpoints import save_autoencoder
     from dcae_edge.denoiser import build_denoiser, save_denoiser
-    from export import coreml, onnx, openvino
 
-    tmp = tmp_path_factory.mktemp("calib")
+    tmp = tmp_path_factory.mktemp("models")
     save_autoencoder(make_model(tiny_edge_f64()), tmp / "ae.safetensors")
+    torch.manual_seed(0)
     dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=4, hidden_size=32, depth=1)
     g = torch.Generator().manual_seed(0)
     # DiT's output layer starts at zero: give it weights so outputs mean something (only the final
@@ -38,12 +38,31 @@ def bundle(tmp_path_factory):
             if name.startswith("net.final"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     save_denoiser(dn, tmp / "dn.safetensors")
-    out = tmp / "bundle"
-    common = ["--variant", "f64", "--weights", str(tmp / "ae.safetensors"), "--denoiser", str(tmp / "dn.safetensors"),
-              "--out", str(out), "--resolution", "128", "--static"]
-    onnx.main(common)
-    openvino.main(common)
-    coreml.main(common + ["--graphs", "vae_decoder", "transformer"])
+    return ["--variant", "f64", "--weights", str(tmp / "ae.safetensors"), "--resolution", "128", "--static"], \
+        tmp / "dn.safetensors"
+
+
+@pytest.fixture(scope="module")
+def bundle(models, tmp_path_factory):
+    """A static 128px bundle: encoder, decoder and the DiT for ONNX and OpenVINO."""
+    from export import onnx, openvino
+
+    common, dn = models
+    out = tmp_path_factory.mktemp("ov") / "bundle"
+    onnx.main(common + ["--denoiser", str(dn), "--out", str(out)])
+    openvino.main(common + ["--denoiser", str(dn), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def coreml_bundle(models, tmp_path_factory):
+    """The decoder as a Core ML package, plus the fp32 ONNX encoder/decoder that measure it on Linux."""
+    from export import coreml, onnx
+
+    common, _ = models
+    out = tmp_path_factory.mktemp("coreml") / "bundle"
+    coreml.main(common + ["--denoiser", "none", "--graphs", "vae_decoder", "--out", str(out)])
+    onnx.main(common + ["--denoiser", "none", "--out", str(out)])
     return out
 
 
@@ -55,11 +74,11 @@ def copy(bundle, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Calibration-set cache and photo folders: the packaged photos, split by photo (data/ is not in git)."""
+def data_dir(tmp_path_factory):
+    """Photo folders (the packaged photos split by photo: data/ is not in git) and the set cache."""
     from dcae_edge.data import ASSET_PHOTOS
 
-    root = tmp_path_factory.mktemp("cache")
+    root = tmp_path_factory.mktemp("data")
     assets = ROOT / "dcae_edge" / "assets"
     for folder, names in (("calibration", ASSET_PHOTOS[:2]), ("eval", ASSET_PHOTOS[2:])):
         (root / folder).mkdir()
@@ -68,18 +87,18 @@ def cache(tmp_path_factory):
     return root
 
 
-def calibrate(path, backend, cache, *extra) -> int:
-    return run_cli(["--bundle", str(path), "--backend", backend, "--cache-dir", str(cache / "sets"),
-                    "--data", str(cache / "calibration"), "--eval-data", str(cache / "eval"), *FAST, *extra])
+def calibrate(path, backend, data_dir, *extra) -> int:
+    return run_cli(["--bundle", str(path), "--backend", backend, "--cache-dir", str(data_dir / "sets"),
+                    "--data", str(data_dir / "calibration"), "--eval-data", str(data_dir / "eval"), *FAST, *extra])
 
 
 def manifest(path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
-def test_onnxruntime_int8_qdq_graphs_and_report(copy, cache):
+def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
     # the encoder gate sits above what plain INT8 reaches: the sensitivity rounds must keep nodes in float
-    assert calibrate(copy, "onnxruntime", cache, "--encoder-min-cosine", "0.993") == 0
+    assert calibrate(copy, "onnxruntime", data_dir, "--encoder-min-cosine", "0.993") == 0
     import onnx
 
     m = manifest(copy)
@@ -104,8 +123,8 @@ def test_onnxruntime_int8_qdq_graphs_and_report(copy, cache):
     assert "Kept in float" in (copy / "calibration" / "onnxruntime.md").read_text()
 
 
-def test_openvino_int8_fake_quantize(copy, cache):
-    assert calibrate(copy, "openvino", cache) == 0
+def test_openvino_int8_fake_quantize(copy, data_dir):
+    assert calibrate(copy, "openvino", data_dir) == 0
     import openvino as ov
 
     m = manifest(copy)
@@ -120,8 +139,10 @@ def test_openvino_int8_fake_quantize(copy, cache):
     assert m["calibration"]["openvino"]["gates"]["end_to_end"]["pass"]
 
 
-def test_coreml_int8_weights(copy, cache, capsys):
-    assert calibrate(copy, "coreml", cache) == 0
+def test_coreml_int8_weights(coreml_bundle, data_dir, capsys, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(coreml_bundle, copy)
+    assert calibrate(copy, "coreml", data_dir) == 0
     assert "activation quantization skipped" in capsys.readouterr().out
     from coremltools.proto import MIL_pb2
 
@@ -129,8 +150,8 @@ def test_coreml_int8_weights(copy, cache, capsys):
 
     ct = import_coremltools()
     m = manifest(copy)
-    assert set(m["calibration"]["coreml"]["graphs"]) == {"vae_decoder", "transformer"}  # the Core ML graphs exported
-    for graph in ("vae_decoder", "transformer"):
+    assert m["calibration"]["coreml"]["graphs"] == ["vae_decoder"]  # the graphs that have a Core ML package
+    for graph in ("vae_decoder",):
         art = m["graphs"][graph]["artifacts"]["coreml/int8w"]
         spec = ct.models.MLModel(str(copy / art["files"][0]), skip_model_load=True).get_spec()
         func = spec.mlProgram.functions["main"]
@@ -140,10 +161,10 @@ def test_coreml_int8_weights(copy, cache, capsys):
         assert art["gate"]["pass"] and art["counts"]["simulated_weights"] == art["counts"]["compressed_weights"]
 
 
-def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, cache, capsys):
+def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, data_dir, capsys):
     before = (copy / "manifest.json").read_bytes()
     files = sorted(p.relative_to(copy) for p in copy.rglob("*"))
-    rc = calibrate(copy, "onnxruntime", cache, "--graphs", "vae_decoder", "--decoder-min-psnr", "200", "--max-rounds", "2")
+    rc = calibrate(copy, "onnxruntime", data_dir, "--graphs", "vae_decoder", "--decoder-min-psnr", "200", "--max-rounds", "2")
     assert rc == 1
     err = capsys.readouterr().err
     assert "vae_decoder INT8 misses its gate" in err and "the bundle was not modified" in err
@@ -165,7 +186,7 @@ def _npz(tmp_path, **arrays):
     ("resolution", "the graph takes [1, 3, 128, 128]"),
     ("channels", "the graph takes [1, 128, 2, 2]"),
 ])
-def test_bad_calibration_sets_are_refused(copy, cache, tmp_path, capsys, case, message):
+def test_bad_calibration_sets_are_refused(copy, data_dir, tmp_path, capsys, case, message):
     rng = np.random.default_rng(0)
     if case == "empty":
         (tmp_path / "empty").mkdir()
@@ -181,14 +202,14 @@ def test_bad_calibration_sets_are_refused(copy, cache, tmp_path, capsys, case, m
     else:
         data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": rng.standard_normal((3, 1, 32, 2, 2)).astype(np.float32)}), "vae_decoder"
     before = (copy / "manifest.json").read_bytes()
-    assert calibrate(copy, "onnxruntime", cache, "--graphs", graph, "--data", str(data)) == 2
+    assert calibrate(copy, "onnxruntime", data_dir, "--graphs", graph, "--data", str(data)) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert (copy / "manifest.json").read_bytes() == before
 
 
-def test_missing_backend_artifact_names_the_export_command(copy, cache, capsys):
-    assert calibrate(copy, "coreml", cache, "--graphs", "vae_encoder") == 2
+def test_missing_backend_artifact_names_the_export_command(copy, data_dir, capsys):
+    assert calibrate(copy, "coreml", data_dir, "--graphs", "vae_encoder") == 2
     assert "python -m export.coreml" in capsys.readouterr().err
 
 

@@ -1,0 +1,221 @@
+"""INT8-calibrate a bundle's graphs for one backend from real data, behind quality gates.
+
+    python -m calibration --bundle exports/f64 --backend onnxruntime
+    python -m calibration --bundle exports/f64 --backend openvino --graphs vae_decoder --max-drop 0.3
+    python -m calibration --bundle exports/f64 --backend coreml --palettize 6
+
+Adds ``<graph>/model_int8.onnx`` ("onnx/int8"), ``<graph>/openvino_model_int8.xml/.bin``
+("openvino/int8") or ``<graph>/model_int8w.mlpackage`` ("coreml/int8w"; ``--palettize N``:
+``model_pal<N>.mlpackage``, "coreml/pal<N>") to the bundle, records the calibration set hash and
+size, method, nodes kept in float with their SQNR, gate results and INT8 op counts in the
+manifest, and writes ``DIR/calibration/<backend>.json/.md/.png`` (the PNG shows held-out photos,
+fp32 and INT8 reconstructions).
+
+Per graph: build the calibration and held-out sets (calibration/data.py), quantize everything
+quantizable, check the gate on held-out data; while it fails, keep the most damaging nodes in
+float (calibration/sensitivity.py) for at most --max-rounds rounds. Then the end-to-end gate.
+Any failure exits non-zero (1: a gate, 2: bad input) and leaves the bundle byte-identical.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
+from export.common import summarize
+
+from . import CalibrationError, GateFailed
+from .data import GRAPH_ORDER, FeedSet, SetOptions, batched, build_sets, graph_sizes
+from .quality import Gates, describe_e2e, describe_gate, e2e_gate, graph_gate, run_set
+from .sensitivity import Outcome, failure_message, keep_float_until_gate, rank_feeds
+
+BACKENDS = {"onnxruntime": "OnnxRuntimeBackend", "openvino": "OpenVinoBackend", "coreml": "CoreMLBackend"}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m calibration", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--backend", required=True, choices=list(BACKENDS))
+    ap.add_argument("--graphs", nargs="+", choices=GRAPH_ORDER, default=None,
+                    help="default: every graph of the bundle that has the backend's fp32 artifact")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="calibration photo folder (default data/photos/calibration) or .npz of <graph>.<input> arrays")
+    ap.add_argument("--eval-data", type=Path, default=None,
+                    help="held-out photo folder (default data/photos/eval, else the packaged sample photos)")
+    ap.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                    help="activation range estimation (entropy/percentile: ~10x slower)")
+    ap.add_argument("--max-drop", type=float, default=None,
+                    help="OpenVINO: use nncf.quantize_with_accuracy_control; decoder budget in dB of reconstruction "
+                         "PSNR vs the photos (encoder/transformer: 1 - their min cosine)")
+    ap.add_argument("--smooth-quant", action="store_true",
+                    help="OpenVINO: keep NNCF's SmoothQuant for the transformer (off by default: it cost accuracy here)")
+    ap.add_argument("--palettize", type=int, choices=[4, 6, 8], default=None,
+                    help="Core ML: k-means palettized weights (N bits) instead of int8 per-channel weights")
+    ap.add_argument("--num-samples", type=int, default=32, help="calibration feeds per graph")
+    ap.add_argument("--num-eval", type=int, default=8, help="held-out photos (transformer: feeds, whole trajectories)")
+    ap.add_argument("--steps", type=int, default=10, help="sampling steps of each recorded trajectory")
+    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="calibration set cache (default ~/.cache/dcae-edge/calibration)")
+    g = ap.add_argument_group("gates")
+    g.add_argument("--decoder-min-psnr", type=float, default=32.0, help="INT8 vs fp32 decoded images, dB")
+    g.add_argument("--encoder-min-cosine", type=float, default=0.99)
+    g.add_argument("--transformer-min-cosine", type=float, default=0.99)
+    g.add_argument("--max-e2e-drop", type=float, default=0.3, help="reconstruction PSNR drop vs the photos, dB")
+    g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each keeps twice as many nodes in float)")
+    g.add_argument("--max-excluded", type=float, default=0.5,
+                   help="at most this fraction of the quantized nodes may be kept in float")
+    args = ap.parse_args(argv)
+    for flag, value, backend in (("--max-drop", args.max_drop is not None, "openvino"), ("--smooth-quant", args.smooth_quant, "openvino"),
+                                 ("--palettize", args.palettize is not None, "coreml")):
+        if value and args.backend != backend:
+            ap.error(f"{flag} only applies to --backend {backend}")
+    return args
+
+
+def make_backend(args, manifest: dict, work: Path):
+    module = importlib.import_module(f"calibration.{args.backend}")
+    return getattr(module, BACKENDS[args.backend])(args.bundle, manifest, args, work)
+
+
+def select_graphs(args, manifest: dict, backend) -> list[str]:
+    if args.graphs:
+        for g in args.graphs:
+            if g not in manifest["graphs"]:
+                raise CalibrationError(f"--graphs {g}: the bundle {args.bundle} has no {g} graph")
+            backend.source_files(g)  # a clear error naming the export command when it is missing
+        return [g for g in GRAPH_ORDER if g in args.graphs]
+    graphs = [g for g in GRAPH_ORDER if g in manifest["graphs"] and backend.source_key(g)]
+    if not graphs:
+        backend.source_files(next(iter(manifest["graphs"]), "vae_decoder"))
+    return graphs
+
+
+class Fp32:
+    """The backend's fp32 graphs, each loaded once (reference outputs and derived sets use them)."""
+
+    def __init__(self, backend):
+        self.backend, self.runners = backend, {}
+
+    def __call__(self, graph: str):
+        if graph not in self.runners:
+            self.runners[graph] = self.backend.fp32_runner(graph)
+        return self.runners[graph]
+
+
+def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: Gates, fp32: Fp32, args) -> Outcome:
+    print(f"\n  [{graph}] {backend.name} INT8 from {len(calib.feeds)} calibration feeds ({calib.source}"
+          + (", cached" if calib.cached else "") + f"); gate on {len(held.feeds)} held-out feeds", flush=True)
+    reference = run_set(fp32(graph), held)
+    t = time.perf_counter()
+    backend.prepare(graph, calib)
+    evaluate = lambda attempt: graph_gate(graph, gates, reference, attempt.run, held)  # noqa: E731
+    describe = partial(describe_gate, graph)
+    if args.max_drop is not None and hasattr(backend, "accuracy_control"):
+        outcome = backend.accuracy_control(graph, calib, held, reference, gates, evaluate)
+        print(f"    accuracy control: {describe(outcome.gate)}", flush=True)
+    else:
+        outcome = keep_float_until_gate(lambda ex: backend.quantize(graph, ex), evaluate,
+                                        lambda attempt: backend.rank(graph, attempt, rank_feeds(calib, held)), describe,
+                                        args.max_rounds, args.max_excluded)
+    outcome.seconds = round(time.perf_counter() - t, 1)
+    mark = "✓" if outcome.gate["pass"] else "✗"
+    print(f"    -[{mark}] {describe(outcome.gate)}; {backend.describe_counts(outcome.attempt.counts)}"
+          + (f"; kept in float: {', '.join(c.node for c in outcome.excluded)}" if outcome.excluded else ""), flush=True)
+    return outcome
+
+
+def end_to_end(backend, results: dict[str, Outcome], held: dict[str, FeedSet], gates: Gates, fp32: Fp32, manifest):
+    """Encoder + decoder, each INT8 where calibrated in this run, else fp32; None without both graphs."""
+    if not ({"vae_encoder", "vae_decoder"} & set(results)) or not all(backend.source_key(g) for g in ("vae_encoder", "vae_decoder")):
+        return None, None
+    photo_set = held.get("vae_encoder") or held["vae_decoder"]
+    photos = FeedSet("vae_encoder", "evaluation", batched("sample", photo_set.photos, graph_sizes(manifest, "vae_encoder")["batch"]),
+                     photo_set.source, photo_set.photos)
+    int8 = tuple(results[g].attempt.run if g in results else fp32(g) for g in ("vae_encoder", "vae_decoder"))
+    gate, images = e2e_gate(gates, photos, (fp32("vae_encoder"), fp32("vae_decoder")), int8,
+                            graph_sizes(manifest, "vae_decoder")["batch"])
+    gate["int8_graphs"] = [g for g in ("vae_encoder", "vae_decoder") if g in results]
+    print(f"\n  -[{'✓' if gate['pass'] else '✗'}] {describe_e2e(gate)}", flush=True)
+    return gate, images
+
+
+def artifact_info(backend, graph: str, outcome: Outcome, calib: FeedSet, held: FeedSet) -> dict:
+    return {"precision": "int8", "base": backend.source_key(graph), "backend": backend.name,
+            "settings": backend.settings(), "calibration_set": calib.to_manifest(), "held_out_set": held.to_manifest(),
+            "excluded_nodes": [c.to_dict() for c in outcome.excluded], "gate": outcome.gate,
+            "rounds": len(outcome.rounds) - 1, "counts": outcome.attempt.counts, "seconds": outcome.seconds,
+            "validation": {"pass": outcome.gate["pass"], "gate": describe_gate(graph, outcome.gate)},  # as exporters record it
+            **outcome.attempt.extra}
+
+
+def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images, gates: Gates) -> Path:
+    from .report import write_reports
+
+    with bundle_transaction(args.bundle) as stage:
+        manifest = read_manifest(stage)
+        for graph, outcome in results.items():
+            files = backend.save(graph, outcome.attempt, stage / graph)
+            record_artifact(manifest, stage, graph, backend.key, files,
+                            artifact_info(backend, graph, outcome, calib[graph], held[graph]))
+        summary = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": backend.key,
+                   "graphs": list(results), "gates": {**{g: o.gate for g, o in results.items()}, "end_to_end": e2e},
+                   "thresholds": vars(gates), "settings": backend.settings(),
+                   "versions": package_versions("onnxruntime", "openvino", "nncf", "coremltools", "numpy")}
+        summary["report"] = write_reports(stage, backend, results, calib, held, summary, images)
+        manifest.setdefault("calibration", {})[backend.name] = summary
+        write_manifest(manifest, stage)
+    return args.bundle / "calibration" / f"{backend.name}.md"
+
+
+def main(argv=None):
+    args = parse(argv)
+    t0 = time.perf_counter()
+    manifest = read_manifest(args.bundle) if Path(args.bundle).is_dir() else None
+    if manifest is None:
+        raise CalibrationError(f"--bundle {args.bundle} is not a dcae-edge bundle (no manifest.json); export one first "
+                               "with python -m export.onnx / export.openvino / export.coreml")
+    gates = Gates(args.encoder_min_cosine, args.decoder_min_psnr, args.transformer_min_cosine, args.max_e2e_drop)
+    opts = SetOptions(args.data, args.eval_data, args.num_samples, args.num_eval, args.steps, args.cfg_scale, args.seed,
+                      args.cache_dir)
+    print(f"[calibration] {args.backend} INT8 for bundle {args.bundle} ({manifest.get('variant')}, "
+          f"{manifest['resolution']}px, {'dynamic' if manifest.get('dynamic') else 'static'})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="dcae-calibration-") as work:
+        backend = make_backend(args, manifest, Path(work))
+        graphs = select_graphs(args, manifest, backend)
+        fp32 = Fp32(backend)
+        calib, held = build_sets(manifest, graphs, opts, fp32, backend.model_id)
+        results = {g: calibrate_graph(backend, g, calib[g], held[g], gates, fp32, args) for g in graphs}
+        failed = [failure_message(g, o, partial(describe_gate, g), args.max_rounds, args.max_excluded)
+                  for g, o in results.items() if not o.gate["pass"]]
+        e2e, images = end_to_end(backend, results, held, gates, fp32, manifest) if not failed else (None, None)
+        if e2e is not None and not e2e["pass"]:
+            failed.append(f"{describe_e2e(e2e)} (--max-e2e-drop)")
+        if failed:
+            raise GateFailed("\n  ".join(failed))
+        report = commit(args, backend, results, calib, held, e2e, images, gates)
+    summarize(read_manifest(args.bundle), args.bundle)
+    print(f"INT8 artifacts written in {time.perf_counter() - t0:.0f} s; report {report}")
+
+
+def run_cli(argv=None) -> int:
+    """Exit codes: 0 ok, 1 a gate failed, 2 bad input; the bundle is untouched unless 0."""
+    try:
+        main(argv)
+        return 0
+    except (CalibrationError, BundleError) as e:
+        print(f"\nerror: {e}\nthe bundle was not modified.", file=sys.stderr)
+        return 1 if isinstance(e, GateFailed) else 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the bundle was not modified.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli())

@@ -1,0 +1,222 @@
+"""ONNX Runtime static INT8: QDQ graph ``<graph>/model_int8.onnx`` (artifact "onnx/int8").
+
+Settings (ORT 1.32 docstring and measurements on this kind of CPU, machine notes 2f):
+
+* ``quant_pre_process(skip_symbolic_shape=True)`` first: symbolic shape inference fails on the
+  dynamo exporter's dynamic graphs, ONNX shape inference + basic optimisation still run;
+* QDQ format, per-channel QInt8 weights, **QUInt8 activations** (S8 activations run 2x *slower*
+  than fp32 on x86 with VNNI: ORT's fast U8S8 kernels need unsigned activations), no reduce_range
+  (VNNI/AMX accumulate 8-bit products without saturation);
+* only the compute ops Conv / MatMul / Gemm are quantized: with an empty op list ORT would also
+  quantize Add/Mul/Softmax/norm glue (the anchors' warning), which costs accuracy and no time;
+* MinMax ranges by default (``--method entropy|percentile``: ~10x slower to calibrate); the
+  ranges are computed once per graph and cached (``calibration_cache_path``) so the exclusion
+  rounds only re-run the quantizer.
+
+Sensitivity: every QuantizeLinear -> DequantizeLinear pair of the QDQ graph is exposed as an output
+next to its float input and compared on a few calibration and held-out feeds; weights are
+dequantized in numpy.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import fresh
+from export.onnx import ort_runner
+
+from . import CalibrationError
+from .backend import Backend
+from .data import FeedSet
+from .quality import sqnr_db
+from .sensitivity import Attempt, Candidate
+
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+@contextlib.contextmanager
+def quiet_ort():
+    """quantize_static logs a warning per op it cannot quantize and per missing pre-processing step."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def methods():
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+
+
+def reader(feeds: list[dict]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedReader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+        def __len__(self):
+            return len(feeds)
+
+    return FeedReader()
+
+
+def qdq_counts(path: Path) -> dict:
+    """What the QDQ graph really holds (a silent 'nothing got quantized' shows up as zeros)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    nodes = m.graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    q_out = {n.output[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    dq_out = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    int8 = {i.name for i in m.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    quantized = quantized_nodes(m)
+    return {"QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"],
+            "qdq_pairs": sum(1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in q_out),
+            "int8_weights": sum(1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in int8),
+            "quantized_nodes": len(quantized),
+            "quantized_op_types": dict(collections.Counter(n.op_type for n in quantized))}
+
+
+def quantized_nodes(model) -> list:
+    """The compute nodes the quantizer turned into QDQ islands (DequantizeLinear feeds them); float
+    nodes that merely read a dequantized tensor do not count."""
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n for n in model.graph.node if n.op_type in OP_TYPES and set(n.input) & dq_out]
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    shape = [1] * q.ndim
+    if scale.ndim:  # per-channel: scales along ``axis``
+        shape[axis] = -1
+    zero = np.zeros_like(scale) if zero is None else zero
+    return (q.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.astype(np.float32).reshape(shape)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    key = "onnx/int8"
+    sources = ("onnx/fp32",)
+    filename = "model_int8.onnx"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        if self.args.method not in methods():
+            raise CalibrationError(f"--method {self.args.method}: onnxruntime offers {', '.join(methods())}")
+        self.feeds: dict[str, list[dict]] = {}
+
+    def settings(self) -> dict:
+        return {"format": "QDQ", "weights": "QInt8 per-channel", "activations": "QUInt8", "method": self.args.method,
+                "op_types": list(OP_TYPES), "pre_process": "quant_pre_process(skip_symbolic_shape=True)"}
+
+    def fp32_runner(self, graph: str):
+        return ort_runner(self.source_files(graph)[0])
+
+    def _dir(self, graph: str) -> Path:
+        d = self.work / graph
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def prepare(self, graph: str, calib: FeedSet) -> None:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src = self.source_files(graph)[0]
+        with quiet_ort():
+            quant_pre_process(str(src), str(self._dir(graph) / "pre.onnx"), skip_symbolic_shape=True,
+                              save_as_external_data=(src.parent / (src.name + ".data")).exists())
+        self.feeds[graph] = calib.feeds
+
+    def quantize(self, graph: str, excluded: list[str]) -> Attempt:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        d = self._dir(graph)
+        out = fresh(d / f"int8-{len(excluded)}.onnx")
+        with quiet_ort():
+            quantize_static(str(d / "pre.onnx"), str(out), reader(self.feeds[graph]), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(OP_TYPES), per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods()[self.args.method], nodes_to_exclude=list(excluded),
+                            use_external_data_format=(d / "pre.onnx.data").exists(),
+                            calibration_cache_path=str(d / "ranges.json"))
+        counts = qdq_counts(out)
+        if not counts["qdq_pairs"] or not counts["quantized_nodes"]:
+            raise CalibrationError(f"{graph}: onnxruntime produced no quantized node ({counts}); nothing would run in INT8")
+        return Attempt(run=ort_runner(out), counts=counts, excluded=list(excluded), handle=out)
+
+    def rank(self, graph: str, attempt: Attempt, feeds: list[dict]) -> list[Candidate]:
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        model = onnx.load(str(attempt.handle))
+        nodes = model.graph.node
+        inits = {i.name: i for i in model.graph.initializer}
+        float_inits = {i.name: i for i in onnx.load(str(self._dir(graph) / "pre.onnx")).graph.initializer}
+        q_input = {n.output[0]: n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+        acts, weights = {}, {}  # DequantizeLinear output -> float activation / float weight name
+        sqnr: dict[str, float] = {}
+        for n in (n for n in nodes if n.op_type == "DequantizeLinear"):
+            if n.input[0] in q_input:
+                acts[n.output[0]] = q_input[n.input[0]]
+            elif n.input[0] in inits and n.input[0].removesuffix("_quantized") in float_inits:
+                w = n.input[0].removesuffix("_quantized")
+                weights[n.output[0]] = w
+                arr = lambda name: numpy_helper.to_array(inits[name]) if name in inits else None  # noqa: E731
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                zero = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+                sqnr[w] = sqnr_db(numpy_helper.to_array(float_inits[w]), dequantize(arr(n.input[0]), arr(n.input[1]), zero, axis))
+        # expose every activation next to its fake-quantized copy, run a few calibration feeds
+        exposed = sorted(set(acts) | set(acts.values()))
+        existing = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                  for t in exposed if t not in existing)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = collections.defaultdict(list)
+        for feed in feeds:
+            for name, value in zip(exposed, sess.run(exposed, feed)):
+                got[name].append(value)
+        for dq, x in acts.items():
+            sqnr[x] = sqnr_db(np.concatenate(got[x], axis=None), np.concatenate(got[dq], axis=None))
+        # a node's damage: the worst tensor it rounds (its inputs through DQ, its outputs through Q)
+        quantized_out = set(q_input.values())
+        out = []
+        for n in quantized_nodes(model):
+            touched = [acts.get(i) or weights.get(i) for i in n.input if i in acts or i in weights]
+            touched += [o for o in n.output if o in quantized_out]
+            scored = [(sqnr[t], t) for t in touched if t in sqnr]
+            if scored:
+                worst = min(scored)
+                label = next((weights[i] for i in n.input if i in weights), "activation x activation")
+                out.append(Candidate(n.name, n.op_type, worst[0], worst[1], label))
+        return sorted(out, key=lambda c: c.sqnr_db)
+
+    def save(self, graph: str, attempt: Attempt, gdir: Path) -> list[Path]:
+        dst = fresh(gdir / self.filename)
+        if not Path(str(attempt.handle) + ".data").exists():
+            shutil.copyfile(attempt.handle, dst)
+            return [dst]
+        import onnx
+
+        model = onnx.load(str(attempt.handle))  # > 2 GB: the weights file takes the new model's name
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data")
+        return [dst, Path(str(dst) + ".data")]
+
+    def describe_counts(self, counts: dict) -> str:
+        return (f"{counts['quantized_nodes']} quantized nodes {counts['quantized_op_types']}, {counts['qdq_pairs']} "
+                f"QuantizeLinear/DequantizeLinear pairs, {counts['int8_weights']} int8 weight tensors")

@@ -1,0 +1,85 @@
+"""The quality report written next to the INT8 artifacts: DIR/calibration/<backend>.json (all
+numbers), .md (tables for people) and .png (held-out photos, fp32 and INT8 reconstructions and
+their amplified difference)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import fresh
+
+from .quality import describe_e2e, describe_gate
+
+STRIP_PHOTOS = 4
+DIFF_GAIN = 10
+
+
+def _details(backend, results, calib, held) -> dict:
+    return {g: {"artifact": backend.key, "calibration_set": calib[g].to_manifest(), "held_out_set": held[g].to_manifest(),
+                "gate": o.gate, "counts": o.attempt.counts, "seconds": o.seconds,
+                "kept_in_float": [c.to_dict() for c in o.excluded],
+                "most_sensitive": [c.to_dict() for c in o.ranking[:20]],
+                "rounds": [{"round": r["round"], "nodes_in_float": r["excluded"], "value": r["gate"]["value"],
+                            "pass": r["gate"]["pass"], "seconds": r["seconds"]} for r in o.rounds]}
+            for g, o in results.items()}
+
+
+def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
+    lines = [f"# INT8 calibration: {backend.name}", "",
+             f"Artifact `{backend.key}`; settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items()), "",
+             "## Gates (held-out data, INT8 vs the same backend's fp32)", "",
+             "| graph | metric | value | threshold | pass |", "|---|---|---|---|---|"]
+    for g, d in details.items():
+        gate = d["gate"]
+        lines.append(f"| {g} | {gate['metric']} | {gate['value']:.4f} | {gate['threshold']} | {'yes' if gate['pass'] else 'NO'} |")
+    e2e = summary["gates"].get("end_to_end")
+    if e2e:
+        lines.append(f"| end to end ({' + '.join(e2e['int8_graphs'])} INT8) | PSNR drop vs photos (dB) | {e2e['value']:.3f} "
+                     f"| <= {e2e['threshold']} | {'yes' if e2e['pass'] else 'NO'} |")
+        lines += ["", describe_e2e(e2e)]
+    for g, d in details.items():
+        lines += ["", f"## {g}", "", f"- {describe_gate(g, d['gate'])}",
+                  f"- calibration set: {d['calibration_set']['size']} feeds, {d['calibration_set']['hash']}, "
+                  f"{d['calibration_set']['source']}",
+                  f"- held-out set: {d['held_out_set']['size']} feeds, {d['held_out_set']['source']}",
+                  f"- INT8 content: {backend.describe_counts(d['counts'])}",
+                  f"- {len(d['rounds']) - 1} exclusion rounds, {d['seconds']} s: "
+                  + ", ".join(f"{r['nodes_in_float']} in float -> {r['value']:.4f}" for r in d["rounds"])]
+        if d["kept_in_float"]:
+            lines += ["", "Kept in float (most damaging first):", "", "| node | op | weight / role | why |", "|---|---|---|---|"]
+            lines += [f"| `{c['node']}` | {c['op_type']} | `{c['label']}` | {c['reason']} |" for c in d["kept_in_float"]]
+        elif d["most_sensitive"]:
+            lines += ["", "Nothing kept in float. Most sensitive nodes (lowest SQNR):", ""]
+            lines += [f"- `{c['node']}` ({c['op_type']}, `{c['label']}`): {c['reason']}" for c in d["most_sensitive"][:5]]
+    if png:
+        lines += ["", "## Reconstructions", "", f"Rows: held-out photo, fp32, INT8, |INT8 - fp32| x {DIFF_GAIN}.", "",
+                  f"![fp32 vs INT8]({Path(png).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _strip(images: dict, path: Path) -> None:
+    import torch
+
+    from dcae_edge.training_utils import save_image_grid
+
+    n = min(STRIP_PHOTOS, len(images["photos"]))
+    photo, f32, i8 = (torch.from_numpy(np.asarray(images[k][:n], dtype=np.float32)) for k in ("photos", "fp32", "int8"))
+    diff = ((i8 - f32).abs() * DIFF_GAIN).clamp(0, 1) * 2 - 1
+    save_image_grid([photo, f32, i8, diff], fresh(path), labels=["photo", "fp32", "INT8", f"|diff| x{DIFF_GAIN}"])
+
+
+def write_reports(stage: Path, backend, results: dict, calib: dict, held: dict, summary: dict, images: dict | None) -> dict:
+    folder = stage / "calibration"
+    folder.mkdir(exist_ok=True)
+    base = folder / backend.name
+    png = None
+    if images is not None:
+        png = base.with_suffix(".png")
+        _strip(images, png)
+    details = _details(backend, results, calib, held)
+    fresh(base.with_suffix(".json")).write_text(json.dumps({**summary, "details": details}, indent=1, default=str))
+    fresh(base.with_suffix(".md")).write_text(_markdown(backend, summary, details, png))
+    rel = lambda p: p.relative_to(stage).as_posix()  # noqa: E731
+    return {"json": rel(base.with_suffix(".json")), "md": rel(base.with_suffix(".md")), **({"png": rel(png)} if png else {})}

@@ -1,0 +1,245 @@
+"""CPU latency of a bundle's graphs: fp32, bf16 and INT8, per backend (a benchmark, not a test).
+
+    python scripts/bench_int8.py --bundle exports/f64 --out docs/bench_int8_f64 --repeats 10
+
+Runs every graph that has the artifacts: onnxruntime fp32 (``onnx/fp32``) and INT8 (``onnx/int8``);
+OpenVINO f32 and bf16 (``openvino/fp32`` compiled with INFERENCE_PRECISION_HINT f32 / bf16) and
+INT8 (``openvino/int8``, its float remainder in f32 and in bf16). Core ML needs macOS to run and is
+listed as skipped elsewhere. Protocol: 2 threads pinned to 2 cores (ORT intra-op threads, OV
+INFERENCE_NUM_THREADS + CPU pinning + LATENCY hint), a cold first run reported apart (session
+creation / compile included), --warmup runs, then the median (and p90) of --repeats timed runs, on
+real inputs (packaged photos, their fp32 latents, a mid-trajectory denoiser batch). Each output is
+compared with its backend's fp32 output (PSNR, cosine), and the calibration gates recorded in the
+manifest are quoted. Writes OUT.json and OUT.md; the verdict says whether the INT8 decoder is at
+least --target x faster than OpenVINO bf16 at <= the allowed loss, or that INT8 cannot beat bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dcae_edge.compare import compare  # noqa: E402
+from export.bundle import package_versions, read_manifest  # noqa: E402
+
+THREADS = 2
+# measured on this kind of machine for the paper-size f64c128 decoder at 512px (docs / issue)
+REFERENCE = {"vae_decoder@512 paper f64c128": {"openvino f32": 7900.0, "openvino bf16": 1460.0}}
+
+
+def cpu_name() -> str:
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def pin_threads(n: int) -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))[:n]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def example_inputs(manifest: dict, bundle: Path) -> dict[str, dict]:
+    """Real inputs per graph at the bundle's export shapes."""
+    from calibration.data import graph_sizes
+    from dcae_edge.data import sample_photos
+    from export.onnx import ort_runner
+
+    res = manifest["resolution"]
+    feeds = {}
+    graphs = manifest["graphs"]
+    if "vae_encoder" in graphs or "vae_decoder" in graphs:
+        photo = sample_photos(res, graph_sizes(manifest, "vae_encoder")["batch"]).numpy()
+        feeds["vae_encoder"] = {"sample": photo}
+        enc = graphs.get("vae_encoder", {}).get("artifacts", {}).get("onnx/fp32")
+        if "vae_decoder" in graphs:
+            if enc:
+                latent = ort_runner(bundle / enc["files"][0])({"sample": photo})[0]
+            else:
+                f, c = manifest["autoencoder"]["spatial_compression"], manifest["autoencoder"]["config"]["latent_channels"]
+                latent = np.random.default_rng(0).standard_normal((1, c, res // f, res // f)).astype(np.float32)
+            feeds["vae_decoder"] = {"latent_sample": latent[: graph_sizes(manifest, "vae_decoder")["batch"]]}
+    if "transformer" in graphs and manifest.get("denoiser"):
+        cfg = manifest["denoiser"]["config"]
+        b = graph_sizes(manifest, "transformer")["batch"]
+        rng = np.random.default_rng(0)
+        k = cfg["num_classes"]
+        feeds["transformer"] = {
+            "hidden_states": rng.standard_normal((b, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32),
+            "timestep": np.full(b, 500.0, np.float32),
+            "class_labels": np.array([i % max(k, 1) for i in range(b // 2)] + [k] * (b - b // 2), np.int64)}
+    return feeds
+
+
+def time_runs(make, feeds: dict, warmup: int, repeats: int) -> dict:
+    t = time.perf_counter()
+    run = make()
+    out = run(feeds)
+    cold = (time.perf_counter() - t) * 1000
+    for _ in range(warmup):
+        run(feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(feeds)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return {"median_ms": round(statistics.median(times), 2), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
+            "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": repeats, "output": out}
+
+
+def ort_maker(path: Path):
+    def make():
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = sess.get_outputs()[0].name
+        return lambda feeds: sess.run([name], feeds)[0]
+    return make
+
+
+def ov_maker(core, path: Path, hint: str):
+    def make():
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": THREADS,
+                                                         "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": True})
+        request = compiled.create_infer_request()
+        return lambda feeds: request.infer(feeds)[0].copy()
+    return make
+
+
+def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, object]]:
+    """(backend, precision, runner factory) for every artifact of ``graph`` present in the bundle."""
+    arts = manifest["graphs"][graph]["artifacts"]
+    path = lambda key: bundle / arts[key]["files"][0]  # noqa: E731
+    out = []
+    if "onnx/fp32" in arts:
+        out.append(("onnxruntime", "fp32", ort_maker(path("onnx/fp32"))))
+    if "onnx/int8" in arts:
+        out.append(("onnxruntime", "int8", ort_maker(path("onnx/int8"))))
+    ov_src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
+    if ov_src or "openvino/int8" in arts:
+        import openvino as ov
+
+        core = ov.Core()
+        bf16 = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+        if ov_src:
+            out.append(("openvino", "f32", ov_maker(core, path(ov_src), "f32")))
+            if bf16:
+                out.append(("openvino", "bf16", ov_maker(core, path(ov_src), "bf16")))
+        if "openvino/int8" in arts:
+            out.append(("openvino", "int8 (+f32)", ov_maker(core, path("openvino/int8"), "f32")))
+            if bf16:
+                out.append(("openvino", "int8 (+bf16)", ov_maker(core, path("openvino/int8"), "bf16")))
+    for key in (k for k in arts if k.startswith("coreml/")):
+        out.append(("coreml", key.split("/")[1], None))
+    return out
+
+
+def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> list[dict]:
+    rows, reference = [], {}
+    for backend, precision, make in configs(manifest, bundle, graph):
+        if make is None:
+            rows.append({"graph": graph, "backend": backend, "precision": precision, "skipped": "Core ML runs on macOS only"})
+            continue
+        r = time_runs(make, feeds, args.warmup, args.repeats)
+        out = r.pop("output")
+        reference.setdefault(backend, out)  # the first (fp32) configuration of each backend
+        m = compare(reference[backend], out)
+        rows.append({"graph": graph, "backend": backend, "precision": precision, **r,
+                     "psnr_vs_fp32": round(m["psnr"], 2), "cosine_vs_fp32": round(m["cosine"], 6)})
+        print(f"  {graph:12s} {backend:12s} {precision:13s} median {r['median_ms']:9.2f} ms  "
+              f"(p90 {r['p90_ms']:.2f}, cold {r['cold_ms']:.0f})  PSNR vs fp32 {m['psnr']:.1f} dB", flush=True)
+    return rows
+
+
+def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float) -> list[str]:
+    lines = []
+    ms = {(r["backend"], r["precision"]): r for r in rows if r["graph"] == "vae_decoder" and "median_ms" in r}
+    bf16 = ms.get(("openvino", "bf16"))
+    int8 = [r for k, r in ms.items() if "int8" in k[1]]
+    if not bf16 or not int8:
+        return ["No verdict: the bundle lacks an OpenVINO bf16-capable decoder or an INT8 decoder (run python -m calibration)."]
+    best = min(int8, key=lambda r: r["median_ms"])
+    speedup = bf16["median_ms"] / best["median_ms"]
+    e2e = (manifest.get("calibration", {}).get(best["backend"], {}).get("gates", {}) or {}).get("end_to_end") or {}
+    loss = e2e.get("value")
+    loss_text = f"end-to-end reconstruction loss {loss:.3f} dB (calibration gate)" if loss is not None else "loss not recorded"
+    ok_loss = loss is not None and loss <= max_loss
+    lines.append(f"Fastest INT8 decoder: {best['backend']} {best['precision']} {best['median_ms']:.1f} ms vs OpenVINO bf16 "
+                 f"{bf16['median_ms']:.1f} ms: {speedup:.2f}x (target >= {target}x at <= {max_loss} dB); {loss_text}.")
+    if speedup >= target and ok_loss:
+        lines.append("Target met.")
+    elif speedup < 1:
+        lines.append(f"INT8 cannot beat bf16 on this CPU: the AMX bf16 decoder is {1 / speedup:.2f}x faster than the best INT8 one.")
+    else:
+        lines.append(f"Target missed: INT8 is {speedup:.2f}x bf16" + ("" if ok_loss else " and/or the loss budget is not met") + ".")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# INT8 vs fp32 / bf16 latency: {report['bundle']}", "",
+             f"{report['cpu']}; {THREADS} threads pinned to CPUs {report['cpus']}; warm-up {report['warmup']}, median of "
+             f"{report['repeats']}; resolution {report['resolution']}px; versions {report['versions']}", "",
+             "| graph | backend | precision | median ms | p90 ms | cold ms | speed-up vs fp32 | PSNR vs fp32 dB | cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in report["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['graph']} | {r['backend']} | {r['precision']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        base.setdefault((r["graph"], r["backend"]), r["median_ms"])
+        lines.append(f"| {r['graph']} | {r['backend']} | {r['precision']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['cold_ms']:.0f} | {base[(r['graph'], r['backend'])] / r['median_ms']:.2f}x | {r['psnr_vs_fp32']} | "
+                     f"{r['cosine_vs_fp32']} |")
+    lines += ["", "Reference (same kind of machine): " + "; ".join(
+        f"{k}: " + ", ".join(f"{p} {v / 1000:.2f} s" for p, v in d.items()) for k, d in REFERENCE.items()), "",
+        "## Verdict", ""] + [f"- {v}" for v in report["verdict"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--graphs", nargs="+", default=None)
+    ap.add_argument("--out", type=Path, default=Path("docs/bench_int8"), help="writes OUT.json and OUT.md")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--target", type=float, default=1.5, help="wanted INT8 speed-up over OpenVINO bf16 (decoder)")
+    ap.add_argument("--max-loss", type=float, default=0.3, help="allowed end-to-end PSNR loss, dB")
+    args = ap.parse_args(argv)
+    manifest = read_manifest(args.bundle)
+    if manifest is None:
+        raise SystemExit(f"error: {args.bundle} is not a dcae-edge bundle")
+    cpus = pin_threads(THREADS)
+    feeds = example_inputs(manifest, args.bundle)
+    rows = []
+    for graph in args.graphs or [g for g in ("vae_encoder", "vae_decoder", "transformer") if g in feeds]:
+        rows += bench_graph(manifest, args.bundle, graph, feeds[graph], args)
+    report = {"bundle": str(args.bundle), "variant": manifest.get("variant"), "resolution": manifest["resolution"],
+              "cpu": cpu_name(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats,
+              "versions": package_versions("onnxruntime", "openvino", "nncf"), "rows": rows, "reference": REFERENCE,
+              "verdict": verdict(rows, manifest, args.target, args.max_loss),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print("\n".join(report["verdict"]))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
