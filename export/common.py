@@ -210,9 +210,13 @@ def prepare_manifest(stage: Path, variant: str, res: int, dynamic: bool, ae_info
     import shutil
 
     old = read_manifest(stage)
+    old_dn = (old or {}).get("denoiser")
+    # a partial export (--graphs without the transformer) loads no denoiser: it keeps the bundle's
     same = (old is not None and old.get("resolution") == res and old.get("dynamic") == dynamic
             and old.get("autoencoder", {}).get("fingerprint") == ae_info["fingerprint"]
-            and (old.get("denoiser") or {}).get("fingerprint") == (dn_info or {}).get("fingerprint"))
+            and (dn_info is None or old_dn is None or old_dn.get("fingerprint") == dn_info["fingerprint"]))
+    if same and dn_info is None:
+        dn_info = old_dn
     if old is not None and not same:
         print("  existing bundle holds other weights or shapes: replacing it entirely")
         for p in stage.iterdir():

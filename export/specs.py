@@ -143,10 +143,13 @@ class TransformerGraph(torch.nn.Module):
         self.net = denoiser.net
         self.channels = denoiser.config.in_channels
         self.conditional = denoiser.config.conditional
+        self.learn_sigma = denoiser.config.learn_sigma
 
     def forward(self, hidden_states, timestep, class_labels):
         out = self.net(hidden_states, timestep, class_labels if self.conditional else None)
-        return out[:, : self.channels]
+        # slice only when there is something to drop: a no-op slice exports as an `alias` node
+        # that coremltools cannot convert
+        return out[:, : self.channels] if self.learn_sigma else out
 
 
 AE_FP16_KEEP_OPS = ("MatMul", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Clip", "Max")
