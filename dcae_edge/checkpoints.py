@@ -189,6 +189,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 autoencoder_fingerprint = model_fingerprint
 
 
+def latent_fingerprint(model: DCAE) -> str:
+    """Identity of an autoencoder's latent space: encoder weights and config. A denoiser stays
+    valid when only the decoder changes (more decoder training); it records its own scaling factor."""
+    import hashlib
+
+    cfg = model.config.to_dict()
+    keys = [k for k in cfg if not k.startswith("decoder_") and k not in ("name", "scaling_factor")]
+    h = hashlib.sha256(json.dumps({k: cfg[k] for k in sorted(keys)}, sort_keys=True).encode())
+    for k, v in sorted(model.encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def latents_match(ae: DCAE, meta: dict) -> bool:
+    """Whether latents recorded in ``meta`` (a cache or denoiser) came from ``ae``'s latent space.
+    Older files carry only the whole-model fingerprint."""
+    if meta.get("latent_fingerprint"):
+        return meta["latent_fingerprint"] == latent_fingerprint(ae)
+    return meta.get("autoencoder_fingerprint") in (None, model_fingerprint(ae))
+
+
 # ----------------------------------------------------------------------------------------------
 # load_autoencoder
 # ----------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def generate_latents(denoiser, class_labels, steps: int = 30, cfg_scale: float =
 
 
 def main(argv=None):
-    from .checkpoints import autoencoder_fingerprint, load_autoencoder
+    from .checkpoints import latents_match, load_autoencoder
     from .denoiser import load_denoiser
     from .training_utils import save_image_grid
 
@@ -79,7 +79,7 @@ def main(argv=None):
 
     denoiser, meta = load_denoiser(args.checkpoint)
     ae = load_autoencoder(args.autoencoder or meta.get("autoencoder_source", "f64"))
-    if meta.get("autoencoder_fingerprint") and autoencoder_fingerprint(ae) != meta["autoencoder_fingerprint"]:
+    if not latents_match(ae, meta):
         raise SystemExit(f"error: {args.checkpoint} was trained on latents of another autoencoder "
                          f"({meta.get('autoencoder_source')}, fingerprint {meta['autoencoder_fingerprint']}); "
                          "pass that autoencoder with --autoencoder")

@@ -341,11 +341,13 @@ def finish_phase(cfg, model: DCAE, history, step, res, perceptual_kind, trainabl
                "lr": cfg.phase_value("lr"), "perceptual": perceptual_kind, "trainable_parameters": len(trainable),
                "trainable_tensors_sample": trainable[:6], "data": cfg.data, "data_images": len(data),
                "data_fingerprint": data.fingerprint(), "seconds": round(seconds, 1), "device": str(device)}
-    # scaling factor = 1 / RMS of the latents over training crops (paper, appendix B)
-    crops, _ = data.random_crops(64, res, step_generator(cfg.seed, 10**9))
-    x = to_model_range(crops)
-    lat = torch.cat([model.encoder(x[i:i + 16]).float().cpu() for i in range(0, len(x), 16)])
-    model.config.scaling_factor = round(1.0 / lat.pow(2).mean().sqrt().item(), 5)
+    # scaling factor = 1 / RMS of the latents over training crops (paper, appendix B); a phase that
+    # leaves the encoder frozen keeps the latent space, so it keeps the factor too
+    if any(n.startswith("encoder.") for n in trainable):
+        crops, _ = data.random_crops(64, res, step_generator(cfg.seed, 10**9))
+        x = to_model_range(crops)
+        lat = torch.cat([model.encoder(x[i:i + 16]).float().cpu() for i in range(0, len(x), 16)])
+        model.config.scaling_factor = round(1.0 / lat.pow(2).mean().sqrt().item(), 5)
     summary["scaling_factor"] = model.config.scaling_factor
     if Path(cfg.eval_data).is_dir():
         ev = ImageFolder(cfg.eval_data, min_side=64).eval_crops(res)

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoints import autoencoder_fingerprint, load_autoencoder, read_safetensors, atomic_save_safetensors
+from .checkpoints import (atomic_save_safetensors, autoencoder_fingerprint, latent_fingerprint, latents_match,
+                          load_autoencoder, read_safetensors)
 from .data import ImageFolder, step_generator, to_model_range
 from .denoiser import build_denoiser, save_denoiser
 from .schedules import NUM_TRAIN_TIMESTEPS, ddpm_alphas_cumprod
@@ -70,7 +71,8 @@ def build_cache(cfg: DenoiserTrainConfig, path: Path, device) -> dict:
             latents.append(ae.encode(to_model_range(crops)).float().cpu() * ae.scaling_factor)
         labels.append(lab)
     meta = {"format": "dcae-edge", "kind": "latent-cache", "autoencoder_source": cfg.autoencoder,
-            "autoencoder_fingerprint": autoencoder_fingerprint(ae), "scaling_factor": str(ae.scaling_factor),
+            "autoencoder_fingerprint": autoencoder_fingerprint(ae), "latent_fingerprint": latent_fingerprint(ae),
+            "scaling_factor": str(ae.scaling_factor),
             "resolution": str(cfg.resolution), "class_names": json.dumps(data.classes), "data": cfg.data}
     atomic_save_safetensors({"latents": torch.cat(latents), "labels": torch.cat(labels)}, path, meta)
     return meta
@@ -81,7 +83,7 @@ def load_cache(path: Path, ae_source: str, device) -> tuple[torch.Tensor, torch.
     if meta.get("kind") != "latent-cache":
         raise ValueError(f"{path} is not a latent cache")
     ae = load_autoencoder(ae_source, device=device)
-    if meta["autoencoder_fingerprint"] != autoencoder_fingerprint(ae):
+    if not latents_match(ae, meta):
         raise ValueError(f"{path} was encoded with another autoencoder ({meta['autoencoder_source']}, fingerprint "
                          f"{meta['autoencoder_fingerprint']}) than --autoencoder {ae_source}; delete the cache or "
                          "point --cache elsewhere to rebuild it")
@@ -207,7 +209,9 @@ def finish(cfg, model, meta, history, step, class_names, device, seconds) -> dic
                "batch_size": cfg.batch_size, "lr": cfg.lr, "classes": class_names if model.config.conditional else [],
                "final_loss": history[-1]["loss"] if history else None, "seconds": round(seconds, 1), "device": str(device)}
     extra = {"training": summary, "autoencoder_source": meta["autoencoder_source"],
-             "autoencoder_fingerprint": meta["autoencoder_fingerprint"], "latent_scaling_factor": meta["scaling_factor"],
+             "autoencoder_fingerprint": meta["autoencoder_fingerprint"],
+             "latent_fingerprint": meta.get("latent_fingerprint") or latent_fingerprint(load_autoencoder(cfg.autoencoder)),
+             "latent_scaling_factor": meta["scaling_factor"],
              "resolution": meta["resolution"], "class_names": class_names}
     save_denoiser(model, out / "model.safetensors", extra=extra)
     plot_curves(history, out / "loss.png", f"{model.config.name} ({model.config.prediction}) on {meta['autoencoder_source']}")

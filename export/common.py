@@ -45,7 +45,8 @@ def load_models(args) -> tuple:
     """(autoencoder, ae_info, denoiser or None, dn_info) with every consistency check."""
     import torch
 
-    from dcae_edge.checkpoints import CheckpointError, bundled_weights_path, load_autoencoder, model_fingerprint
+    from dcae_edge.checkpoints import (CheckpointError, bundled_weights_path, latent_fingerprint, latents_match,
+                                       load_autoencoder, model_fingerprint)
     from dcae_edge.presets import VARIANT_ALIASES
 
     variant = args.variant
@@ -70,7 +71,8 @@ def load_models(args) -> tuple:
     if ae.config.latent_channels != LATENT_CHANNELS[variant] or ae.spatial_compression != COMPRESSION[variant]:
         raise ExportError(f"--weights {weights} is an f{ae.spatial_compression}c{ae.config.latent_channels} model "
                           f"({ae.config.name}) but --variant {variant} expects f{COMPRESSION[variant]}c{LATENT_CHANNELS[variant]}")
-    ae_info = {"source": weights, "name": ae.config.name, "fingerprint": model_fingerprint(ae), "config": ae.config.to_dict(),
+    ae_info = {"source": weights, "name": ae.config.name, "fingerprint": model_fingerprint(ae),
+               "latent_fingerprint": latent_fingerprint(ae), "config": ae.config.to_dict(),
                "scaling_factor": ae.scaling_factor, "spatial_compression": ae.spatial_compression,
                "random_weights": random_weights}
     if random_weights:
@@ -94,8 +96,8 @@ def load_models(args) -> tuple:
             elif dn.config.input_size * ae.spatial_compression != res:
                 problem = (f"it works on {dn.config.input_size}x{dn.config.input_size} latents "
                            f"({dn.config.input_size * ae.spatial_compression}px), not {res}px")
-            elif meta.get("autoencoder_fingerprint") and meta["autoencoder_fingerprint"] != ae_info["fingerprint"]:
-                problem = "it was trained on latents of other autoencoder weights"
+            elif not latents_match(ae, meta):
+                problem = "it was trained on the latents of another encoder"
             if problem:
                 if explicit:
                     raise ExportError(f"--denoiser {path}: {problem}")

@@ -28,7 +28,7 @@ def make_reference(autoencoder: str, denoiser: str | None, resolution: int, devi
                    trajectory_points: int = 6) -> tuple[dict, dict]:
     import torch
 
-    from dcae_edge.checkpoints import autoencoder_fingerprint, load_autoencoder, model_fingerprint
+    from dcae_edge.checkpoints import autoencoder_fingerprint, latents_match, load_autoencoder, model_fingerprint
     from dcae_edge.data import sample_photos, to_uint8
     from dcae_edge.denoiser import load_denoiser
     from dcae_edge.sample import generate_latents
@@ -53,7 +53,7 @@ def make_reference(autoencoder: str, denoiser: str | None, resolution: int, devi
     if denoiser:
         dn, dmeta = load_denoiser(denoiser)
         dn = dn.to(device)
-        if dmeta.get("autoencoder_fingerprint") not in (None, meta["autoencoder_fingerprint"]):
+        if not latents_match(ae, dmeta):
             raise SystemExit(f"error: denoiser {denoiser} was trained for another autoencoder")
         classes = list(range(min(2, dn.config.num_classes))) if dn.config.conditional else None
         cfg = GENERATE_DEFAULTS["cfg_scale"] if dn.config.conditional else 1.0

@@ -69,6 +69,12 @@ def test_phases_train_only_their_layers(tmp_path, arch_file, photo_dir):
     # running stats may move only because that stage is trainable
     assert any(k.startswith("encoder.conv_out") for k in changed_keys(w[1], w[2]))
     assert not any(k.startswith("encoder.") for k in changed_keys(w[2], w[3]))
+    # phase 3 leaves the encoder alone: same latent space (a denoiser stays valid), same scaling factor
+    from dcae_edge.checkpoints import latent_fingerprint, model_fingerprint
+
+    m2, m3 = (_load_ours(tmp_path / f"phase{p}" / "model.safetensors") for p in (2, 3))
+    assert latent_fingerprint(m2) == latent_fingerprint(m3) and model_fingerprint(m2) != model_fingerprint(m3)
+    assert m2.scaling_factor == m3.scaling_factor
     summary = json.loads((tmp_path / "phase3" / "summary.json").read_text())
     assert summary["perceptual"] in ("ms-ssim", "lpips") and summary["scaling_factor"] > 0
     for f in ("loss.png", "recon.png"):
