@@ -75,6 +75,11 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     unexpected = sorted(k for k in state if k not in expected)
     misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                        for k in expected if k in state and state[k].shape != expected[k].shape)
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if nonfinite:
+        raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {', '.join(nonfinite[:5])}"
+                              + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")
+                              + "; the checkpoint is corrupt (an fp16 overflow?): re-export it from the fp32 weights")
     if missing or unexpected or misshaped:
         def block(title, items):
             if not items:
@@ -152,9 +157,23 @@ def efficientvit_to_ours(state: dict[str, torch.Tensor], model: DCAE) -> dict[st
 # ----------------------------------------------------------------------------------------------
 # Our own checkpoints
 # ----------------------------------------------------------------------------------------------
+def storage_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """State dict for storage in ``dtype``: parameters are cast, buffers (BatchNorm statistics) and
+    any tensor outside the dtype's range stay fp32 (a running variance of 1e5 is inf in fp16)."""
+    params = {k for k, _ in model.named_parameters()}
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+    out = {}
+    for k, v in model.state_dict().items():
+        if not torch.isfinite(v).all() if v.is_floating_point() else False:
+            raise ValueError(f"refusing to save {k}: it holds NaN or Inf")
+        castable = v.is_floating_point() and k in params and (limit is None or v.abs().max() <= limit)
+        out[k] = v.to(dtype) if castable else v
+    return out
+
+
 def save_autoencoder(model: DCAE, path: str | os.PathLike, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> None:
     """Save weights + config in one safetensors file (atomic). ``dtype=float16`` halves the size."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    state = storage_state(model, dtype)
     metadata = {"format": FORMAT, "kind": "autoencoder", "config": json.dumps(model.config.to_dict())}
     for k, v in (extra or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v)

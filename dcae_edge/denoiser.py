@@ -314,7 +314,9 @@ def build_denoiser(name_or_config: str | DenoiserConfig | dict, **overrides) -> 
 def save_denoiser(model: Denoiser, path, extra: dict | None = None, dtype=torch.float32) -> None:
     from .checkpoints import FORMAT, atomic_save_safetensors
 
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    from .checkpoints import storage_state
+
+    state = storage_state(model, dtype)
     metadata = {"format": FORMAT, "kind": "denoiser", "config": json.dumps(model.config.to_dict())}
     for k, v in (extra or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v)

@@ -109,6 +109,28 @@ class EMA:
                 v.copy_(src[k])
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Re-estimate BatchNorm running statistics as exact averages over ``batches`` (an iterable of
+    input tensors), e.g. for EMA weights whose running stats were averaged separately."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over the batches
+        m.train()
+    for x in batches:
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return len(bns)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj, path: str | Path) -> None:
     """torch.save to a temporary sibling, fsync, rename: a kill mid-write keeps the last good file."""

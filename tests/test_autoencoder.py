@@ -323,3 +323,33 @@ def test_conversion_round_trip_is_exact():
     state = model.state_dict()
     back = diffusers_to_ours(ours_to_diffusers(state))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_fp16_storage_keeps_batchnorm_statistics_exact(tmp_path, photos128):
+    """A BatchNorm running variance above 65504 would be inf in fp16: buffers stay fp32."""
+    model = make_model(tiny_in_mix(), seed=1)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var.fill_(1.5e5)
+    save_autoencoder(model, tmp_path / "h.safetensors", dtype=torch.float16)
+    back = load_autoencoder(tmp_path / "h.safetensors")
+    back_bn = next(m for m in back.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(back_bn.running_var, bn.running_var)
+    with torch.no_grad():
+        assert torch.isfinite(back.decode(model.encode(photos128))).all()
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = make_model(tiny_sana())
+    save_autoencoder(model, tmp_path / "m.safetensors")
+    tensors, meta = __import__("dcae_edge.checkpoints", fromlist=["read_safetensors"]).read_safetensors(tmp_path / "m.safetensors")
+    tensors["decoder.norm_out.weight"][0] = float("inf")
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match="non-finite values .* decoder.norm_out.weight"):
+        load_autoencoder(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="refusing to save"):
+        bad = load_autoencoder(tmp_path / "m.safetensors")
+        with torch.no_grad():
+            bad.decoder.norm_out.weight[0] = float("nan")
+        save_autoencoder(bad, tmp_path / "x.safetensors")
