@@ -355,7 +355,9 @@ def export_package(spec: GraphSpec, res: int | None, stem: str, args, stage: Pat
         set_metadata(ml, spec, sizes, None, dn_info["latent_scaling_factor"], dn_info, args.precision)
     else:
         set_metadata(ml, spec, sizes, res, ae_info["scaling_factor"], ae_info, args.precision)
-    manifest["graphs"].setdefault(spec.name, {"artifacts": {}}).update(spec.to_manifest())
+    graph_entry = manifest["graphs"].setdefault(spec.name, {"artifacts": {}})
+    if stem == "model":  # graph-level shapes/branches describe the bundle's resolution; extra
+        graph_entry.update(spec.to_manifest())  # resolutions keep theirs in the artifact info
     for stale in ("coreml/fp16", "coreml/fp32"):  # the other precision's entry pointed at the package just replaced
         manifest["graphs"][spec.name]["artifacts"].pop(stale + suffix, None)
     failures += save_and_check(ml, gdir / f"{stem}.mlpackage", f"coreml/{args.precision}{suffix}", spec, sizes,

@@ -70,7 +70,7 @@ def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
 
 class Pipeline:
     def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.125):
+                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25):
         if backend not in BACKENDS:
             raise BundleError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:

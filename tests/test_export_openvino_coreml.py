@@ -124,9 +124,17 @@ def test_coreml_runtime_refuses_unexported_resolution(f64_files, tmp_path):
 
     out = tmp_path / "bundle"
     coreml.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none",
-                 "--out", str(out), "--resolution", "128", "--graphs", "vae_encoder"])
+                 "--out", str(out), "--resolution", "128", "256", "--graphs", "vae_encoder"])
+    m = json.loads((out / "manifest.json").read_text())
+    from dcae_edge import load_autoencoder
+    from export.specs import vae_encoder_spec
+
+    # the graph-level attention branches stay those of the bundle resolution (128), not the extra 256
+    assert m["graphs"]["vae_encoder"]["attention_stages"] == vae_encoder_spec(
+        load_autoencoder(f64_files / "ae.safetensors"), 128).attention_stages
+    assert m["graphs"]["vae_encoder"]["artifacts"]["coreml/fp16@256"]["resolution"] == 256
     pipe = open_bundle(out, backend="coreml", precision="fp16")
-    with pytest.raises(BundleError, match="no Core ML package for 192px; this bundle has 128px"):
+    with pytest.raises(BundleError, match="no Core ML package for 192px; this bundle has 128, 256px"):
         pipe._artifact("vae_encoder", 192)
     if platform.system() != "Darwin":
         with pytest.raises(RuntimeUnavailable, match="macOS"):

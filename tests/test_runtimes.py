@@ -125,7 +125,7 @@ def test_tiled_matches_untiled_with_the_bundled_model(tmp_path):
     z = pipe.encode(x)
     psnr = lambda a, b: 10 * np.log10(4 / np.mean((a - b) ** 2))  # noqa: E731
     assert psnr(pipe.decode(z), pipe.decode(z, tile=512)) >= 40
-    assert psnr(pipe.decode(pipe.encode(x, tile=512)), pipe.decode(z)) >= 30  # encoder tiles feed the same decoder
+    assert psnr(pipe.decode(pipe.encode(x, tile=512)), pipe.decode(z)) >= 33  # encoder tiles feed the same decoder
 
 
 def test_tampered_or_truncated_files_are_refused(bundle, tmp_path):
