@@ -206,8 +206,10 @@ def plot_curves(history: list[dict], path: str | Path, title: str, keys: list[st
     plt.close(fig)
 
 
-def save_image_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None) -> None:
-    """Save rows of images ([-1,1] N x 3 x H x W, equal sizes) as one PNG grid."""
+def save_image_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None,
+                    max_width: int = 2048) -> None:
+    """Save rows of images ([-1,1] N x 3 x H x W, equal sizes) as one PNG grid, at most
+    ``max_width`` pixels wide (reports stay small enough to commit)."""
     from PIL import Image, ImageDraw
 
     from .data import to_uint8
@@ -220,4 +222,6 @@ def save_image_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str
         for i, text in enumerate(labels):
             draw.rectangle([0, i * h, 7 * len(text) + 6, i * h + 14], fill=(0, 0, 0))
             draw.text((3, i * h + 1), text, fill=(255, 255, 255))
+    if img.width > max_width:
+        img = img.resize((max_width, round(img.height * max_width / img.width)), Image.Resampling.LANCZOS)
     img.save(path)
