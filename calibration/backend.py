@@ -2,7 +2,9 @@
 the command drives (``fp32_runner``, ``prepare``, ``quantize``, ``rank``, ``save``)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from pathlib import Path
 
 from . import CalibrationError
@@ -10,6 +12,18 @@ from .data import FeedSet, Runner
 from .sensitivity import Attempt, Candidate
 
 EXPORT_COMMANDS = {"onnxruntime": "export.onnx", "openvino": "export.openvino", "coreml": "export.coreml"}
+
+
+@contextlib.contextmanager
+def log_level(logger: str, level: int):
+    """Temporarily raise a logger's level: the quantizers log a line per op or step."""
+    log = logging.getLogger(logger)
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def artifact_id(manifest: dict, artifact: dict) -> str:

@@ -20,7 +20,6 @@ dequantized in numpy.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -31,24 +30,12 @@ from export.bundle import fresh
 from export.onnx import ort_runner
 
 from . import CalibrationError
-from .backend import Backend
+from .backend import Backend, log_level
 from .data import FeedSet
 from .quality import sqnr_db
 from .sensitivity import Attempt, Candidate
 
 OP_TYPES = ("Conv", "MatMul", "Gemm")
-
-
-@contextlib.contextmanager
-def quiet_ort():
-    """quantize_static logs a warning per op it cannot quantize and per missing pre-processing step."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def methods():
@@ -81,7 +68,6 @@ def qdq_counts(path: Path) -> dict:
     nodes = m.graph.node
     ops = collections.Counter(n.op_type for n in nodes)
     q_out = {n.output[0] for n in nodes if n.op_type == "QuantizeLinear"}
-    dq_out = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
     int8 = {i.name for i in m.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     quantized = quantized_nodes(m)
     return {"QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"],
@@ -134,7 +120,7 @@ class OnnxRuntimeBackend(Backend):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         src = self.source_files(graph)[0]
-        with quiet_ort():
+        with log_level("", logging.ERROR):
             quant_pre_process(str(src), str(self._dir(graph) / "pre.onnx"), skip_symbolic_shape=True,
                               save_as_external_data=(src.parent / (src.name + ".data")).exists())
         self.feeds[graph] = calib.feeds
@@ -144,7 +130,7 @@ class OnnxRuntimeBackend(Backend):
 
         d = self._dir(graph)
         out = fresh(d / f"int8-{len(excluded)}.onnx")
-        with quiet_ort():
+        with log_level("", logging.ERROR):
             quantize_static(str(d / "pre.onnx"), str(out), reader(self.feeds[graph]), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(OP_TYPES), per_channel=True, reduce_range=False,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

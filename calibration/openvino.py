@@ -32,7 +32,7 @@ from dcae_edge.compare import compare
 from export.openvino import ov_runner
 
 from . import CalibrationError
-from .backend import Backend
+from .backend import Backend, log_level
 from .data import FeedSet
 from .quality import shown, sqnr_db
 from .sensitivity import Attempt, Candidate, Outcome, rank_feeds
@@ -43,18 +43,6 @@ ESTIMATORS = {"minmax": None, "percentile": "MEAN_QUANTILE", "entropy": "HISTOGR
 # measured 32.3 dB instead of 38.3 dB on the tiny decoder and cosine 0.949 instead of 0.982 on the encoder
 COMPUTE_OPS = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"}
 PASS_THROUGH = ("Convert", "Reshape", "Transpose")  # between a weight constant and its FakeQuantize
-
-
-@contextlib.contextmanager
-def quiet_nncf():
-    """NNCF logs INFO lines per step and draws progress bars; keep the bars, drop the chatter."""
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def fake_quantize(x, lo, hi, out_lo, out_hi, levels):
@@ -151,7 +139,7 @@ class OpenVinoBackend(Backend):
 
         model = self._read(graph)
         opts, advanced = self._options(graph, model, excluded)
-        with quiet_nncf():
+        with log_level("nncf", logging.WARNING):
             q = nncf.quantize(model, nncf.Dataset(self.feeds[graph]), advanced_parameters=advanced, **opts)
         return self._attempt(graph, q, excluded)
 
@@ -215,7 +203,7 @@ class OpenVinoBackend(Backend):
         model = self._read(graph)
         opts, advanced = self._options(graph, model, [])
         plain = self.quantize(graph, [])
-        with quiet_nncf(), contextlib.redirect_stdout(io.StringIO()):
+        with log_level("nncf", logging.WARNING), contextlib.redirect_stdout(io.StringIO()):
             q = nncf.quantize_with_accuracy_control(
                 model, nncf.Dataset(self.feeds[graph]),
                 nncf.Dataset(items, lambda item: item["feeds"]), validation_fn, max_drop=budget,

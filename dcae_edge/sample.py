@@ -9,9 +9,7 @@ unless its weights are identical (the denoiser only knows that autoencoder's lat
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from .schedules import guided, initial_noise, sample

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import time
 import warnings
 from pathlib import Path

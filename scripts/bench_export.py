@@ -70,7 +70,6 @@ def main():
         raise SystemExit(f"export failed (rc {rc})")
     manifest = json.loads((bundle / "manifest.json").read_text())
 
-    import numpy as np
     import torch
 
     from dcae_edge.checkpoints import load_autoencoder
@@ -79,7 +78,6 @@ def main():
 
     torch.set_num_threads(args.threads)
     ae = load_autoencoder(manifest["autoencoder"]["source"])
-    f = ae.spatial_compression
     graphs = {}
     for g in args.graphs:
         info = manifest["graphs"][g]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model, tiny_edge_f64, tiny_in_mix, tiny_sana
+from conftest import make_model, tiny_in_mix, tiny_sana
 from dcae_edge import CheckpointError, build_autoencoder, load_autoencoder, save_autoencoder, save_diffusers
 from dcae_edge.autoencoder import DCAE, DownBlock, UpBlock, channel_to_space_duplicate, count_parameters, space_to_channel_average
 from dcae_edge.checkpoints import diffusers_to_ours, efficientvit_to_ours, ours_to_diffusers

@@ -11,7 +11,6 @@ import torch
 
 from conftest import make_model, tiny_edge_f64, tiny_in_mix, tiny_sana
 from dcae_edge.autoencoder import linear_attention
-from dcae_edge.checkpoints import save_autoencoder
 from dcae_edge.data import sample_photos
 from export import onnx as ex
 from export.bundle import sha256_file
