@@ -121,7 +121,9 @@ def main():
              "| graph | ONNX MB | nodes before -> after | ORT vs torch max abs (sizes) | OV MB | OV f32 max abs | OV bf16 PSNR dB "
              "| torch ms | ORT ms | OV f32 ms | OV bf16 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g, r in graphs.items():
-        errs = "; ".join(f"{e['max_abs']:.1e} ({e['sizes'].get('height', '')}x{e['sizes'].get('width', '')})" for e in r["ort_vs_torch"])
+        unit = ae.spatial_compression if g == "vae_decoder" else 1  # decoder sizes are latent cells
+        errs = "; ".join(f"{e['max_abs']:.1e} ({e['sizes']['height'] * unit}x{e['sizes']['width'] * unit}px)"
+                         for e in r["ort_vs_torch"])
         lines.append(f"| {g} | {r['onnx_mb']} | {r['nodes_before']} -> {r['nodes_after']} ({r['simplifier']}) | {errs} | "
                      f"{r.get('openvino_mb', '')} | {r.get('openvino_f32_max_abs', ''):{'.1e' if 'openvino_f32_max_abs' in r else ''}} | "
                      f"{r.get('openvino_bf16_psnr', '')} | {r['torch_ms']} | {r['ort_ms']} | {r.get('openvino_f32_ms', '')} | "
