@@ -65,7 +65,8 @@ class TrainConfig:
     lr_schedule: str = "constant"      # constant | cosine (anneal to 10% at --steps)
     perceptual: str = "auto"           # auto | lpips | ms-ssim | none
     perceptual_weight: float = 0.25
-    gan_weight: float = 0.1            # phase 3 only
+    pixel_loss: str = "l1"             # l1 (paper) | mse (optimises PSNR directly)
+    gan_weight: float = 0.1            # phase 3 only; 0 = no discriminator at all
     disc_lr: float = 2e-4
     middle_stages: int = 1             # phase 2: deepest N stages + latent interface
     head_stages: int = 1               # phase 3: shallowest N decoder stages + output head
@@ -104,7 +105,9 @@ def trainable_prefixes(model: DCAE, phase: int, middle_stages: int = 1, head_sta
     if phase == 3:  # decoder head: output norm/conv and the shallowest stages
         if head_stages > len(dec_stages):
             raise ValueError(f"--head-stages {head_stages} exceeds the decoder's {len(dec_stages)} stages")
-        return ["decoder.norm_out.", "decoder.conv_out."] + [f"decoder.up_blocks.{i}." for i in dec_stages[:head_stages]]
+        head = ["decoder.norm_out.", "decoder.conv_out."] + [f"decoder.up_blocks.{i}." for i in dec_stages[:head_stages]]
+        # a head that spans every stage is the whole decoder (latent space and encoder stay fixed)
+        return head + (["decoder.conv_in."] if head_stages == len(dec_stages) else [])
     raise ValueError(f"phase must be 1, 2 or 3, got {phase}")
 
 
@@ -155,8 +158,11 @@ class PatchDiscriminator(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    def __init__(self, kind: str, weight: float, device):
+    def __init__(self, kind: str, weight: float, device, pixel: str = "l1"):
         super().__init__()
+        if pixel not in ("l1", "mse"):
+            raise ValueError(f"--pixel-loss must be l1 or mse, got {pixel!r}")
+        self.pixel = pixel
         self.weight = weight
         self.lpips = None
         if kind in ("auto", "lpips"):
@@ -167,14 +173,15 @@ class ReconstructionLoss(nn.Module):
         self.kind = "lpips" if self.lpips is not None else ("none" if kind == "none" else "ms-ssim")
 
     def forward(self, recon, target):
-        l1 = (recon - target).abs().mean()
+        diff = recon - target
+        pix = diff.abs().mean() if self.pixel == "l1" else diff.pow(2).mean()
         if self.kind == "lpips":
             perc = self.lpips(recon.float(), target.float()).mean()
         elif self.kind == "ms-ssim":
             perc = 1 - ms_ssim(recon.float().clamp(-1, 1), target.float()).mean()
         else:
             perc = torch.zeros((), device=recon.device)
-        return l1 + self.weight * perc, {"l1": l1.item(), self.kind.replace("-", "_"): perc.item()}
+        return pix + self.weight * perc, {self.pixel: pix.item(), self.kind.replace("-", "_"): perc.item()}
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -216,8 +223,8 @@ def train(cfg: TrainConfig) -> dict:
         model = build_autoencoder(arch)
     model.to(device).train()
     trainable = set_trainable(model, trainable_prefixes(model, cfg.phase, cfg.middle_stages, cfg.head_stages))
-    rec_loss = ReconstructionLoss(cfg.perceptual, cfg.perceptual_weight, device)
-    disc = PatchDiscriminator().to(device) if cfg.phase == 3 else None
+    rec_loss = ReconstructionLoss(cfg.perceptual, cfg.perceptual_weight, device, cfg.pixel_loss)
+    disc = PatchDiscriminator().to(device) if cfg.phase == 3 and cfg.gan_weight > 0 else None
 
     if dist_info.world > 1:
         if device.type == "cuda":  # SyncBatchNorm needs CUDA; on CPU DDP broadcasts rank 0's buffers instead
@@ -338,7 +345,8 @@ def finish_phase(cfg, model: DCAE, history, step, res, perceptual_kind, trainabl
     model.eval()
     summary = {"phase": cfg.phase, "model": model.config.name, "residual_autoencoding": model.config.residual_autoencoding,
                "steps": step, "target_steps": cfg.steps, "resolution": res, "batch_size": cfg.batch_size,
-               "lr": cfg.phase_value("lr"), "perceptual": perceptual_kind, "trainable_parameters": len(trainable),
+               "lr": cfg.phase_value("lr"), "pixel_loss": cfg.pixel_loss, "perceptual": perceptual_kind,
+               "gan_weight": cfg.gan_weight if cfg.phase == 3 else 0.0, "trainable_parameters": len(trainable),
                "trainable_tensors_sample": trainable[:6], "data": cfg.data, "data_images": len(data),
                "data_fingerprint": data.fingerprint(), "seconds": round(seconds, 1), "device": str(device)}
     # scaling factor = 1 / RMS of the latents over training crops (paper, appendix B); a phase that

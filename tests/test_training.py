@@ -80,6 +80,29 @@ def test_phases_train_only_their_layers(tmp_path, arch_file, photo_dir):
         assert (tmp_path / "phase3" / f).stat().st_size > 1000
 
 
+def test_decoder_only_continuation_keeps_the_latent_space(tmp_path, arch_file, photo_dir):
+    """A phase-3 head spanning every decoder stage trains the whole decoder (conv_in included) and
+    nothing else; gan weight 0 builds no discriminator; --pixel-loss mse is what is optimised."""
+    from dcae_edge.checkpoints import _load_ours, latent_fingerprint
+
+    run(arch_file, photo_dir, tmp_path, 1, 2)
+    model = _load_ours(tmp_path / "phase1" / "model.safetensors")
+    n_stages = sum(d > 0 for d in model.config.decoder_layers_per_block)
+    summary = run(arch_file, photo_dir, tmp_path, 3, 3, head_stages=n_stages, gan_weight=0, perceptual="none",
+                  pixel_loss="mse", init=tmp_path / "phase1" / "model.safetensors")
+    changed = changed_keys(load_file(tmp_path / "phase1" / "model.safetensors"),
+                           load_file(tmp_path / "phase3" / "model.safetensors"))
+    assert any(k.startswith("decoder.conv_in.") for k in changed)
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    assert latent_fingerprint(model) == latent_fingerprint(_load_ours(tmp_path / "phase3" / "model.safetensors"))
+    assert "disc" not in torch.load(tmp_path / "phase3" / "ckpt.pt", weights_only=False)
+    assert summary["pixel_loss"] == "mse" and summary["gan_weight"] == 0 and summary["perceptual"] == "none"
+    history = json.loads(torch.load(tmp_path / "phase3" / "ckpt.pt", weights_only=False)["history"])
+    assert "mse" in history[0] and "g" not in history[0]
+    with pytest.raises(ValueError, match="--pixel-loss must be l1 or mse"):
+        run(arch_file, photo_dir, tmp_path / "bad", 1, 1, pixel_loss="l2")
+
+
 def test_resume_after_interruption_is_identical(tmp_path, arch_file, photo_dir):
     run(arch_file, photo_dir, tmp_path / "straight", 1, 4)
     run(arch_file, photo_dir, tmp_path / "resumed", 1, 2)  # "killed" after its step-2 checkpoint

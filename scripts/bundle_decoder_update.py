@@ -1,0 +1,99 @@
+"""Install a decoder-only continuation run as the bundled weights, only if it is better.
+
+    python scripts/bundle_decoder_update.py --variant f64 --run runs/cpu-f64-decoder-mse/phase3 \
+        --note cpu_decoder_mse
+
+Checks, in order, and refuses with a message when one fails (the bundled file is then untouched):
+the run holds the same architecture and the same encoder (``latent_fingerprint``: the latent space,
+the scaling factor and the bundled denoiser stay valid); after re-estimating the decoder's
+BatchNorm statistics over training crops (EMA weights average parameters, not statistics), its
+held-out PSNR beats the bundled weights at every evaluated resolution. Then writes the fp16
+safetensors atomically with the run's summary appended to the training history in its metadata,
+and the held-out table to ``--report`` (Markdown + JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dcae_edge.checkpoints import _load_ours, bundled_weights_path, latent_fingerprint, save_autoencoder  # noqa: E402
+from dcae_edge.data import ImageFolder, step_generator, to_model_range  # noqa: E402
+from dcae_edge.evaluate import evaluate  # noqa: E402
+from dcae_edge.training_utils import recalibrate_batchnorm  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", default="f64")
+    ap.add_argument("--run", required=True, type=Path, help="phase folder holding model.safetensors + summary.json")
+    ap.add_argument("--note", required=True, help="key of this run in the weights' training history")
+    ap.add_argument("--train-data", default="data/photos/train")
+    ap.add_argument("--eval-data", default="data/photos/eval")
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--bn-crops", type=int, default=256)
+    ap.add_argument("--report", type=Path, default=Path("docs/training/bundled-f64-update"))
+    ap.add_argument("--dry-run", action="store_true", help="evaluate and report, install nothing")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    bundled = bundled_weights_path(args.variant)
+    if bundled is None:
+        sys.exit(f"no bundled weights for {args.variant!r} in this checkout")
+    old, new = _load_ours(bundled), _load_ours(args.run / "model.safetensors")
+    if old.config.to_dict() | {"scaling_factor": 0} != new.config.to_dict() | {"scaling_factor": 0}:
+        sys.exit(f"{args.run} holds another architecture than the bundled {old.config.name}")
+    if latent_fingerprint(old) != latent_fingerprint(new):
+        sys.exit(f"{args.run} changed the encoder: the latent space (and the bundled denoiser trained on it) would "
+                 "no longer match; bundle it with scripts/train_bundled.py instead")
+    summary = json.loads((args.run / "summary.json").read_text())
+
+    # decoder BatchNorm statistics as exact averages over training crops (encoder has none: latents unchanged)
+    res = summary.get("resolution", 256)
+    data = ImageFolder(args.train_data, min_side=min(res, 256))
+    batches = [to_model_range(data.random_crops(16, res, step_generator(1234, i))[0]) for i in range(args.bn_crops // 16)]
+    n_bn = recalibrate_batchnorm(new, batches)
+    new.eval()
+
+    rows = []
+    for r in args.resolutions:
+        x = to_model_range(ImageFolder(args.eval_data, min_side=64).eval_crops(r))
+        a, b = evaluate(old, x), evaluate(new, x)
+        rows.append({"resolution": r, "images": len(x), "bundled_psnr": a["psnr"], "bundled_ssim": a["ssim"],
+                     "new_psnr": b["psnr"], "new_ssim": b["ssim"], "baseline_psnr": b["baseline_psnr"],
+                     "baseline_ssim": b["baseline_ssim"]})
+        print(json.dumps(rows[-1]), flush=True)
+    better = all(r["new_psnr"] > r["bundled_psnr"] for r in rows)
+
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.with_suffix(".json").write_text(json.dumps({"run": str(args.run), "summary": summary,
+                                                            "batchnorm_layers": n_bn, "rows": rows}, indent=1))
+    lines = [f"Held-out photos (`{args.eval_data}`, centre crops): bundled `{bundled.name}` before and after "
+             f"`{args.run}` ({summary.get('steps')} steps, {summary.get('pixel_loss', 'l1')}, decoder only). "
+             f"Command: `python {' '.join(['scripts/bundle_decoder_update.py'] + (argv or sys.argv[1:]))}`", "",
+             "| res | before PSNR / SSIM | after PSNR / SSIM | thumbnail baseline PSNR / SSIM |", "|---|---|---|---|"]
+    lines += [f"| {r['resolution']}² | {r['bundled_psnr']:.2f} / {r['bundled_ssim']:.3f} | {r['new_psnr']:.2f} / "
+              f"{r['new_ssim']:.3f} | {r['baseline_psnr']:.2f} / {r['baseline_ssim']:.3f} |" for r in rows]
+    args.report.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if not better:
+        sys.exit("not installed: the run does not beat the bundled weights at every resolution (see the report)")
+    if args.dry_run:
+        print("dry run: nothing installed")
+        return
+    with safe_open(str(bundled), "pt") as f:
+        history = json.loads(f.metadata().get("training", "{}"))
+    history[args.note] = summary
+    history[f"{args.note}_batchnorm"] = f"decoder BatchNorm statistics re-estimated over {args.bn_crops} training crops at {res}px"
+    save_autoencoder(new, bundled, dtype=torch.float16, extra={"training": history})  # atomic
+    print(f"installed {bundled} ({bundled.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
