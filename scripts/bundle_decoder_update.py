@@ -1,7 +1,10 @@
 """Install a decoder-only continuation run as the bundled weights, only if it is better.
 
-    python scripts/bundle_decoder_update.py --variant f64 --run runs/cpu-f64-decoder-mse/phase3 \
-        --note cpu_decoder_mse
+    python scripts/bundle_decoder_update.py --variant f64 \
+        --run runs/cpu-f64-decoder-mse/phase3 runs/cpu-f64-decoder-mse-512/phase3 --note cpu_decoder_mse
+
+``--run`` takes the chain of phase folders of one continuation; the last one's weights are
+installed, every one's summary is recorded.
 
 Checks, in order, and refuses with a message when one fails (the bundled file is then untouched):
 the run holds the same architecture and the same encoder (``latent_fingerprint``: the latent space,
@@ -33,7 +36,8 @@ from dcae_edge.training_utils import recalibrate_batchnorm  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="f64")
-    ap.add_argument("--run", required=True, type=Path, help="phase folder holding model.safetensors + summary.json")
+    ap.add_argument("--run", required=True, type=Path, nargs="+",
+                    help="phase folders (model.safetensors + summary.json), in training order; the last is installed")
     ap.add_argument("--note", required=True, help="key of this run in the weights' training history")
     ap.add_argument("--train-data", default="data/photos/train")
     ap.add_argument("--eval-data", default="data/photos/eval")
@@ -47,13 +51,15 @@ def main(argv=None):
     bundled = bundled_weights_path(args.variant)
     if bundled is None:
         sys.exit(f"no bundled weights for {args.variant!r} in this checkout")
-    old, new = _load_ours(bundled), _load_ours(args.run / "model.safetensors")
+    runs, last = args.run, args.run[-1]
+    old, new = _load_ours(bundled), _load_ours(last / "model.safetensors")
     if old.config.to_dict() | {"scaling_factor": 0} != new.config.to_dict() | {"scaling_factor": 0}:
-        sys.exit(f"{args.run} holds another architecture than the bundled {old.config.name}")
+        sys.exit(f"{last} holds another architecture than the bundled {old.config.name}")
     if latent_fingerprint(old) != latent_fingerprint(new):
-        sys.exit(f"{args.run} changed the encoder: the latent space (and the bundled denoiser trained on it) would "
+        sys.exit(f"{last} changed the encoder: the latent space (and the bundled denoiser trained on it) would "
                  "no longer match; bundle it with scripts/train_bundled.py instead")
-    summary = json.loads((args.run / "summary.json").read_text())
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    summary = summaries[-1]
 
     # decoder BatchNorm statistics as exact averages over training crops (encoder has none: latents unchanged)
     res = summary.get("resolution", 256)
@@ -73,10 +79,11 @@ def main(argv=None):
     better = all(r["new_psnr"] > r["bundled_psnr"] for r in rows)
 
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.with_suffix(".json").write_text(json.dumps({"run": str(args.run), "summary": summary,
+    args.report.with_suffix(".json").write_text(json.dumps({"runs": [str(r) for r in runs], "summaries": summaries,
                                                             "batchnorm_layers": n_bn, "rows": rows}, indent=1))
     lines = [f"Held-out photos (`{args.eval_data}`, centre crops): bundled `{bundled.name}` before and after "
-             f"`{args.run}` ({summary.get('steps')} steps, {summary.get('pixel_loss', 'l1')}, decoder only). "
+             "decoder-only training: " + ", then ".join(f"`{r}` ({s.get('steps')} steps at {s.get('resolution')}², "
+                                                        f"{s.get('pixel_loss', 'l1')})" for r, s in zip(runs, summaries)) + ". "
              f"Command: `python {' '.join(['scripts/bundle_decoder_update.py'] + (argv or sys.argv[1:]))}`", "",
              "| res | before PSNR / SSIM | after PSNR / SSIM | thumbnail baseline PSNR / SSIM |", "|---|---|---|---|"]
     lines += [f"| {r['resolution']}² | {r['bundled_psnr']:.2f} / {r['bundled_ssim']:.3f} | {r['new_psnr']:.2f} / "
@@ -89,7 +96,8 @@ def main(argv=None):
         return
     with safe_open(str(bundled), "pt") as f:
         history = json.loads(f.metadata().get("training", "{}"))
-    history[args.note] = summary
+    for i, s in enumerate(summaries):
+        history[args.note if len(summaries) == 1 else f"{args.note}_{i + 1}"] = s
     history[f"{args.note}_batchnorm"] = f"decoder BatchNorm statistics re-estimated over {args.bn_crops} training crops at {res}px"
     save_autoencoder(new, bundled, dtype=torch.float16, extra={"training": history})  # atomic
     print(f"installed {bundled} ({bundled.stat().st_size / 1e6:.1f} MB)")

@@ -248,6 +248,22 @@ def test_bundled_weights_load_when_present():
     assert 0 < model.scaling_factor < 10
 
 
+def test_bundled_f64_beats_the_thumbnail_baseline():
+    """The bundled f64 is worth its latent on the 4 packaged photos (none of them in its training
+    set): higher PSNR than bicubic upsampling of a thumbnail holding as many values, at 256² and
+    512². Catches a silently broken weight file too (e.g. fp16-overflowed BatchNorm statistics)."""
+    from dcae_edge.checkpoints import bundled_weights_path
+    from dcae_edge.data import sample_photos
+    from dcae_edge.evaluate import evaluate
+
+    if bundled_weights_path("f64") is None:
+        pytest.skip("no bundled f64 weights in this checkout")
+    model = load_autoencoder("f64")
+    for res in (256, 512):
+        r = evaluate(model, sample_photos(res))
+        assert r["psnr"] > r["baseline_psnr"], (res, r)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("x,match", [
     (torch.full((1, 3, 64, 64), 3.0), r"\[-1, 1\]"),
