@@ -205,7 +205,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['graph']} | {r['backend']} | {r['precision']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['cold_ms']:.0f} | {base[(r['graph'], r['backend'])] / r['median_ms']:.2f}x | {r['psnr_vs_fp32']} | "
                      f"{r['cosine_vs_fp32']} |")
-    lines += ["", "Reference (same kind of machine): " + "; ".join(
+    lines += ["", "Reference (../shared/docs/machine-notes.md, a Sapphire-Rapids CPU with AMX): " + "; ".join(
         f"{k}: " + ", ".join(f"{p} {v / 1000:.2f} s" for p, v in d.items()) for k, d in REFERENCE.items()), "",
         "## Verdict", ""] + [f"- {v}" for v in report["verdict"]]
     return "\n".join(lines) + "\n"
