@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.timing import time_calls
+
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
@@ -123,13 +125,7 @@ def ov_runner(core, model, spec: GraphSpec, hint: str):
 
 
 def median_ms(run, feeds: dict, repeats: int = 5) -> float:
-    run(feeds)  # warm-up: first inference of a shape compiles kernels
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(feeds)
-        times.append((time.perf_counter() - t) * 1000)
-    return round(statistics.median(times), 1)
+    return round(statistics.median(time_calls(lambda: run(feeds), repeats)), 1)
 
 
 def validate_precisions(core, model, spec: GraphSpec, sizes_list: list[dict], fp16_weights: bool) -> tuple[dict, dict, dict]:

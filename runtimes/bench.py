@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.timing import time_calls
+
 
 def machine() -> dict:
     cpu = platform.processor()
@@ -57,13 +59,7 @@ def _time_one(args) -> dict:
     t = time.perf_counter()
     runner.run(feeds)
     first_ms = (time.perf_counter() - t) * 1000
-    for _ in range(max(0, warmup - 1)):
-        runner.run(feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.run(feeds)
-        times.append((time.perf_counter() - t) * 1000)
+    times = time_calls(lambda: runner.run(feeds), runs, max(0, warmup - 1))
     return {"load_s": round(load_s, 2), "first_ms": round(first_ms, 1), "p50_ms": round(statistics.median(times), 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "runs": runs,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

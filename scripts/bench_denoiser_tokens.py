@@ -14,11 +14,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from dcae_edge.timing import time_calls  # noqa: E402
 
 PRESETS = {  # arch, hidden, depth, heads
     "uvit-h": ("uvit", 1152, 28, 16),
@@ -35,18 +36,7 @@ LATENTS = {  # name: (channels, latent size at 512px, patch)
 def timeit(fn, device, warmup: int, iters: int) -> list[float]:
     import torch
 
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+    return time_calls(fn, iters, warmup, sync=torch.cuda.synchronize if device == "cuda" else None)
 
 
 def main():
@@ -109,7 +99,6 @@ def main():
         if args.onnx and dev == "cpu":
             import tempfile
 
-            import numpy as np
             import onnxruntime as ort
 
             model.eval()

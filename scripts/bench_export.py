@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dcae_edge.timing import time_calls  # noqa: E402
+
 
 def run_child(cmd: list[str]) -> tuple[float, float, int]:
     t = time.perf_counter()
@@ -34,13 +36,7 @@ def run_child(cmd: list[str]) -> tuple[float, float, int]:
 
 
 def latency(fn, runs: int) -> float:
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1000)
-    return round(statistics.median(ts), 1)
+    return round(statistics.median(time_calls(fn, runs)), 1)
 
 
 def main():

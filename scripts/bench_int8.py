@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcae_edge.compare import compare  # noqa: E402
+from dcae_edge.timing import time_calls  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
 
 THREADS = 2
@@ -87,14 +88,7 @@ def time_runs(make, feeds: dict, warmup: int, repeats: int) -> dict:
     run = make()
     out = run(feeds)
     cold = (time.perf_counter() - t) * 1000
-    for _ in range(warmup):
-        run(feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(feeds)
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
+    times = sorted(time_calls(lambda: run(feeds), repeats, warmup))
     return {"median_ms": round(statistics.median(times), 2), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
             "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": repeats, "output": out}
 

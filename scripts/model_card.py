@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +22,7 @@ import torch.nn as nn  # noqa: E402
 from dcae_edge import autoencoder as A  # noqa: E402
 from dcae_edge.autoencoder import DCAE, count_parameters  # noqa: E402
 from dcae_edge.presets import EDGE, PUBLISHED, get_config  # noqa: E402
+from dcae_edge.timing import time_calls  # noqa: E402
 
 
 def count_macs(module: nn.Module, x: torch.Tensor) -> int:
@@ -59,13 +59,7 @@ def count_macs(module: nn.Module, x: torch.Tensor) -> int:
 
 def time_ms(fn, x, runs: int) -> float:
     with torch.no_grad():
-        fn(x)
-        ts = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn(x)
-            ts.append((time.perf_counter() - t) * 1000)
-    return statistics.median(ts)
+        return statistics.median(time_calls(lambda: fn(x), runs))
 
 
 def card(name: str, res: int, runs: int, timing: bool) -> dict:
