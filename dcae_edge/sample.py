@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from .schedules import guided, initial_noise, sample
+from .schedules import add_sampling_arguments, guided, initial_noise, sample
 
 
 def cfg_model_fn(denoiser, class_labels: torch.Tensor | None, cfg_scale: float, record: list | None = None):
@@ -66,12 +66,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="denoiser .safetensors of ours")
     ap.add_argument("--autoencoder", default=None, help="defaults to the one the denoiser was trained on")
-    ap.add_argument("--classes", type=int, nargs="*", default=None, help="class ids (conditional models)")
-    ap.add_argument("--n", type=int, default=4, help="number of samples for unconditional models")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--sampler", default=None, help="euler | heun (flow), dpm++2m (eps)")
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(ap)
     ap.add_argument("--out", default="samples.png")
     args = ap.parse_args(argv)
 

@@ -103,3 +103,14 @@ def sample(prediction: str, model_fn: Callable, x, steps: int, sampler: str | No
 def guided(cond, uncond, scale: float):
     """Classifier-free guidance: uncond + s (cond - uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+def add_sampling_arguments(ap) -> None:
+    """The sampling options shared by the torch CLI (``dcae_edge.sample``) and the app CLI
+    (``runtimes.generate``), so both sample the same way by default."""
+    ap.add_argument("--classes", type=int, nargs="*", default=None, help="class ids (class-conditional denoisers)")
+    ap.add_argument("--n", type=int, default=4, help="samples for unconditional denoisers")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--sampler", default=None, help="euler | heun (flow models), dpm++2m (eps models)")
+    ap.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,8 @@ import argparse
 import sys
 import time
 
+from dcae_edge import schedules
+
 from .images import save_grid
 from .pipeline import BundleError, open_bundle
 
@@ -18,12 +20,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="onnxruntime", help="onnxruntime | openvino | coreml | torch")
     ap.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (openvino) | int8")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--classes", type=int, nargs="*", default=None, help="class ids (class-conditional denoisers)")
-    ap.add_argument("--n", type=int, default=4, help="samples for unconditional denoisers")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--sampler", default=None, help="euler | heun (flow models), dpm++2m (eps models)")
-    ap.add_argument("--seed", type=int, default=0)
+    schedules.add_sampling_arguments(ap)
     ap.add_argument("--out", default="generated.png")
     args = ap.parse_args(argv)
     try:
