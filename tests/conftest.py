@@ -78,6 +78,20 @@ def make_model(cfg: DCAEConfig, seed: int = 0) -> DCAE:
     return randomize_norms(DCAE(cfg), seed).eval()
 
 
+def tiny_denoiser(input_size: int, num_classes: int = 3, in_channels: int = 128, depth: int = 2, arch: str = "dit",
+                  seed: int = 0, **kw) -> torch.nn.Module:
+    """A tiny class-conditional denoiser with every weight perturbed: DiT starts with zeroed
+    outputs, and a denoiser that predicts zeros cannot fail a parity test."""
+    from dcae_edge.denoiser import build_denoiser
+
+    torch.manual_seed(seed)
+    model = build_denoiser(f"{arch}-tiny", input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                           hidden_size=32, depth=depth, **kw)
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture(scope="session")
 def photos256():
     return sample_photos(256, 2)

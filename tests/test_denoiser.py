@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_model, tiny_edge_f64
+from conftest import ROOT, make_model, tiny_denoiser, tiny_edge_f64
 from dcae_edge import schedules
 from dcae_edge.checkpoints import save_autoencoder
 from dcae_edge.denoiser import DENOISER_PRESETS, build_denoiser, load_denoiser, save_denoiser
@@ -58,11 +58,7 @@ def test_initial_noise_is_seeded_and_backend_free():
 
 @pytest.mark.parametrize("arch,prediction", [("dit", "flow"), ("uvit", "eps")])
 def test_sampling_is_deterministic_for_a_seed(arch, prediction):
-    torch.manual_seed(0)
-    model = build_denoiser(f"{arch}-tiny", input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=2,
-                           num_heads=2, prediction=prediction).eval()
-    for p in model.parameters():  # DiT starts with zeroed outputs: make it do something
-        p.data.add_(0.02 * torch.randn_like(p))
+    model = tiny_denoiser(input_size=4, in_channels=8, arch=arch, num_heads=2, prediction=prediction).eval()
     a = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=11)
     b = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=11)
     c = generate_latents(model, [0, 2], steps=6, cfg_scale=3.0, seed=12)
@@ -129,11 +125,7 @@ def test_onnx_parity_on_trajectory_inputs(setup, tmp_path):
     from export import onnx as ex
 
     d, photos, ae = setup
-    torch.manual_seed(0)
-    dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=2, hidden_size=32, depth=2)
-    for p in dn.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-    save_denoiser(dn, tmp_path / "dn.safetensors")
+    save_denoiser(tiny_denoiser(input_size=2, num_classes=2), tmp_path / "dn.safetensors")
     ex.main(["--variant", "f64", "--weights", str(ae), "--denoiser", str(tmp_path / "dn.safetensors"), "--out",
              str(tmp_path / "b"), "--resolution", "128", "--graphs", "transformer"])
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())

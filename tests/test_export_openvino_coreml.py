@@ -7,11 +7,10 @@ import platform
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import make_model, tiny_edge_f64, tiny_in_mix, tiny_sana
+from conftest import make_model, tiny_denoiser, tiny_edge_f64, tiny_in_mix, tiny_sana
 from dcae_edge.checkpoints import save_autoencoder
-from dcae_edge.denoiser import build_denoiser, save_denoiser
+from dcae_edge.denoiser import save_denoiser
 from export.bundle import sha256_file
 
 
@@ -19,11 +18,7 @@ from export.bundle import sha256_file
 def f64_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("ovc")
     save_autoencoder(make_model(tiny_edge_f64(), seed=1), d / "ae.safetensors")
-    torch.manual_seed(0)
-    dn = build_denoiser("dit-tiny", input_size=2, in_channels=128, num_classes=3, hidden_size=32, depth=2)
-    for p in dn.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-    save_denoiser(dn, d / "dn.safetensors")
+    save_denoiser(tiny_denoiser(input_size=2), d / "dn.safetensors")
     return d
 
 

@@ -11,12 +11,11 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import ROOT, make_model, tiny_edge_f64
+from conftest import ROOT, make_model, tiny_denoiser, tiny_edge_f64
 from dcae_edge.checkpoints import save_autoencoder
 from dcae_edge.data import sample_photos
-from dcae_edge.denoiser import build_denoiser, save_denoiser
+from dcae_edge.denoiser import save_denoiser
 
 
 def tiny_f64_head4():
@@ -35,11 +34,7 @@ def bundle(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("rt")
     save_autoencoder(make_model(tiny_f64_head4(), seed=2), d / "ae.safetensors")
-    torch.manual_seed(0)
-    dn = build_denoiser("dit-tiny", input_size=4, in_channels=128, num_classes=3, hidden_size=32, depth=2)
-    for p in dn.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-    save_denoiser(dn, d / "dn.safetensors")
+    save_denoiser(tiny_denoiser(input_size=4), d / "dn.safetensors")
     args = ["--variant", "f64", "--weights", str(d / "ae.safetensors"), "--denoiser", str(d / "dn.safetensors"),
             "--out", str(d / "b"), "--resolution", "256"]
     ex.main(args)

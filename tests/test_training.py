@@ -95,9 +95,10 @@ def test_decoder_only_continuation_keeps_the_latent_space(tmp_path, arch_file, p
     assert any(k.startswith("decoder.conv_in.") for k in changed)
     assert changed and all(k.startswith("decoder.") for k in changed)
     assert latent_fingerprint(model) == latent_fingerprint(_load_ours(tmp_path / "phase3" / "model.safetensors"))
-    assert "disc" not in torch.load(tmp_path / "phase3" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "phase3" / "ckpt.pt", weights_only=False)
+    assert "disc" not in ckpt
     assert summary["pixel_loss"] == "mse" and summary["gan_weight"] == 0 and summary["perceptual"] == "none"
-    history = json.loads(torch.load(tmp_path / "phase3" / "ckpt.pt", weights_only=False)["history"])
+    history = json.loads(ckpt["history"])
     assert "mse" in history[0] and "g" not in history[0]
     with pytest.raises(ValueError, match="--pixel-loss must be l1 or mse"):
         run(arch_file, photo_dir, tmp_path / "bad", 1, 1, pixel_loss="l2")
