@@ -152,12 +152,16 @@ def batched(name: str, arrays: np.ndarray, batch: int) -> list[dict]:
 # ----------------------------------------------------------------------------- denoiser trajectories
 def trajectory_feeds(run: Runner, manifest: dict, batch: int, count: int, steps: int, cfg_scale: float,
                      seed: int) -> list[dict]:
-    """Inputs the fp32 transformer receives while sampling: whole trajectories (every timestep from
-    pure noise to the last step) until at least ``count`` feeds, one seed and class set per trajectory."""
+    """Inputs the fp32 transformer receives while sampling with the bundle's own recipe: whole
+    trajectories (every model call from pure noise to the end) until at least ``count`` feeds,
+    one seed and class set per trajectory."""
     den = manifest["denoiser"]
     cfg = den["config"]
-    c, s, k = cfg["in_channels"], cfg["input_size"], cfg["num_classes"]
-    use_cfg = k > 0
+    k = cfg["num_classes"]
+    recipe = schedules.recipe_of_manifest(manifest)
+    if recipe["solver"]["name"] == "dopri5":  # adaptive: fixed Heun steps visit the same states, countably
+        recipe = schedules.with_solver(recipe, "heun")
+    use_cfg = k > 0 and cfg_scale != 1.0
     n = batch // 2 if use_cfg else batch
     if use_cfg and batch % 2:
         raise CalibrationError(f"transformer exported with batch {batch}: classifier-free guidance needs an even batch")
@@ -166,19 +170,9 @@ def trajectory_feeds(run: Runner, manifest: dict, batch: int, count: int, steps:
     feeds: list[dict] = []
     for traj in tqdm(range(math.ceil(count / steps)), desc="  recording trajectories", leave=False, disable=None):
         sd = seed + traj
-        labels = np.array([(sd * n + i) % k for i in range(n)], dtype=np.int64) if use_cfg else np.zeros(n, np.int64)
-
-        def model_fn(x, t, labels=labels):
-            xin = np.concatenate([x, x]) if use_cfg else x
-            yin = np.concatenate([labels, np.full(n, k, np.int64)]) if use_cfg else labels  # id k = null class
-            feed = {"hidden_states": xin.astype(np.float32), "timestep": np.full(len(xin), t, np.float32),
-                    "class_labels": yin}
-            feeds.append(feed)
-            out = run(feed)[0]
-            return schedules.guided(out[:n], out[n:], cfg_scale) if use_cfg else out
-
-        schedules.sample(cfg["prediction"], model_fn, schedules.initial_noise((n, c, s, s), sd), steps,
-                         den.get("sampler"))
+        labels = np.array([(sd * n + i) % k for i in range(n)], dtype=np.int64) if k > 0 else None
+        schedules.generate_numpy(recipe, lambda feed: run(feed)[0], labels, n, steps, cfg_scale if k > 0 else 1.0, sd,
+                                 record=feeds)
     return feeds
 
 

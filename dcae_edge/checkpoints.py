@@ -139,19 +139,27 @@ _EFFICIENTVIT_RULES = [  # ordered plain replacements (efficientvit -> our/diffu
 ]
 
 
+def efficientvit_key(key: str, expected: set[str] | dict) -> str:
+    """One efficientvit tensor name -> ours (``expected``: our model's state-dict names)."""
+    new = key
+    for a, b in _EFFICIENTVIT_RULES:
+        new = new.replace(a, b)
+    # in/mix stems are wrapped blocks (conv_in.conv / conv_out.conv); sana stems are plain convs
+    for stem in ("encoder.conv_in.", "decoder.conv_out."):
+        if new.startswith(stem) and new not in expected and new.replace(stem, stem + "conv.") in expected:
+            new = new.replace(stem, stem + "conv.")
+    return new
+
+
 def efficientvit_to_ours(state: dict[str, torch.Tensor], model: DCAE) -> dict[str, torch.Tensor]:
     expected = model.state_dict()
-    out = {}
-    for k, v in state.items():
-        new = k
-        for a, b in _EFFICIENTVIT_RULES:
-            new = new.replace(a, b)
-        # in/mix stems are wrapped blocks (conv_in.conv / conv_out.conv); sana stems are plain convs
-        for stem in ("encoder.conv_in.", "decoder.conv_out."):
-            if new.startswith(stem) and new not in expected and new.replace(stem, stem + "conv.") in expected:
-                new = new.replace(stem, stem + "conv.")
-        out[new] = v
-    return out
+    return {efficientvit_key(k, expected): v for k, v in state.items()}
+
+
+def looks_like_path(src: str) -> bool:
+    """Strings that can only mean a local file or folder (never a hub id ``owner/name``)."""
+    return (src.startswith((".", "/", "~")) or "\\" in src or src.count("/") != 1
+            or src.endswith((".safetensors", ".json", ".onnx")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +372,10 @@ def load_autoencoder(source: str | os.PathLike = "f64", *, device: str | torch.d
                 f"no bundled weights for {src!r}. Bundled: {', '.join(p.stem for p in BUNDLED_DIR.glob('*.safetensors')) or 'none'}. "
                 f"Pass a checkpoint path, a hub id, or 'random:{src}' for random weights.")
         model = _load_ours(path)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", src):
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not looks_like_path(src):
         model = _load_hub(src)
+    elif looks_like_path(src):
+        raise CheckpointError(f"{src}: no such file or folder")
     else:
         raise CheckpointError(f"{src!r} is neither a file, a folder, a known variant ({', '.join(VARIANT_ALIASES)}), "
                               "nor a hub id (owner/name)")

@@ -78,15 +78,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table (grid*grid, dim), as in MAE / DiT."""
+def sincos_2d(dim: int, grid: int, legacy: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table (grid*grid, dim), as in MAE / DiT: the first half of the
+    channels encodes the column (x), the second the row. ``legacy``: the swapped halves that our
+    DiTs saved before 0.2 were trained with (their checkpoints hold no table)."""
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="xy")
-    emb = np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="xy")
+    halves = [one_d(dim // 2, cols), one_d(dim // 2, rows)]
+    emb = np.concatenate(halves[::-1] if legacy else halves, axis=1)
     return torch.from_numpy(emb).float()
 
 
@@ -115,6 +118,28 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class PatchEmbed(nn.Module):
+    """Conv patchifier (timm's ``PatchEmbed``: the released checkpoints name it ``*.proj``)."""
+
+    def __init__(self, channels: int, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the learned null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
 # ---------------------------------------------------------------------------------------------- DiT
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool):
@@ -131,19 +156,42 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
 class DiT(nn.Module):
+    """facebookresearch/DiT with the released checkpoints' module names. The fixed 2-D sin-cos
+    position table is a (saved) buffer, not a parameter: parameter counts are trainable ones."""
+
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.config = cfg
         d, p = cfg.hidden_size, cfg.patch_size
-        self.x_embedder = nn.Conv2d(cfg.in_channels, d, p, p)
-        self.t_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        self.y_embedder = nn.Embedding(cfg.num_classes + 1, d) if cfg.conditional else None
-        self.register_buffer("pos_embed", sincos_2d(d, cfg.input_size // p)[None], persistent=False)
+        self.x_embedder = PatchEmbed(cfg.in_channels, d, p)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.conditional else None
+        self.register_buffer("pos_embed", sincos_2d(d, cfg.input_size // p)[None])
         self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth))
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_linear = nn.Linear(d, p * p * cfg.out_channels)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final_layer = FinalLayer(d, p * p * cfg.out_channels)
         self.initialize()
 
     def initialize(self):
@@ -151,30 +199,29 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias) if m.bias is not None else None
-        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        for lin in (self.t_embedder[0], self.t_embedder[2]):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         for blk in self.blocks:  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        for lin in (self.final_adaLN[-1], self.final_linear):
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
     def forward(self, hidden_states, timestep, class_labels=None):
         cfg = self.config
         b, _, h, w = hidden_states.shape
-        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder(timestep_embedding(timestep, 256))
+        x = self.x_embedder(hidden_states) + self.pos_embed
+        c = self.t_embedder(timestep)
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels)
         for blk in self.blocks:
             x = blk(x, c)
-        shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
-        x = self.final_linear(self.norm_final(x) * (1 + scale) + shift)
-        return unpatchify(x, cfg.patch_size, cfg.out_channels, h, w)
+        return unpatchify(self.final_layer(x, c), cfg.patch_size, cfg.out_channels, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- U-ViT
@@ -195,12 +242,16 @@ class UViTBlock(nn.Module):
 
 
 class UViT(nn.Module):
+    """U-ViT as in efficientvit's diffusioncore (the released DC-AE generators): tokens [label,
+    time, patches] + learned positions, the time token is the raw sinusoid (no MLP), depth/2 in-
+    blocks, a mid-block and depth/2 out-blocks joined by long skips (concat -> Linear)."""
+
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.config = cfg
         d, p = cfg.hidden_size, cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.in_channels, d, p, p)
-        self.label_emb = nn.Embedding(cfg.num_classes + 1, d) if cfg.conditional else None
+        self.patch_embed = PatchEmbed(cfg.in_channels, d, p)
+        self.label_emb = LabelEmbedder(cfg.num_classes, d) if cfg.conditional else None
         self.extras = 2 if cfg.conditional else 1
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + (cfg.input_size // p) ** 2, d))
         blk = lambda skip=False: UViTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, skip)  # noqa: E731
@@ -218,7 +269,7 @@ class UViT(nn.Module):
     def forward(self, hidden_states, timestep, class_labels=None):
         cfg = self.config
         b, _, h, w = hidden_states.shape
-        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        x = self.patch_embed(hidden_states)
         tokens = [timestep_embedding(timestep, cfg.hidden_size)[:, None].to(x.dtype), x]
         if self.label_emb is not None:
             tokens.insert(0, self.label_emb(class_labels)[:, None])
@@ -323,6 +374,29 @@ def save_denoiser(model: Denoiser, path, extra: dict | None = None, dtype=torch.
     atomic_save_safetensors(state, path, metadata)
 
 
+# module names before 0.2 (our own checkpoints) -> the released checkpoints' names used now
+_LEGACY_NAMES = [("x_embedder.weight", "x_embedder.proj.weight"), ("x_embedder.bias", "x_embedder.proj.bias"),
+                 ("patch_embed.weight", "patch_embed.proj.weight"), ("patch_embed.bias", "patch_embed.proj.bias"),
+                 ("t_embedder.0.", "t_embedder.mlp.0."), ("t_embedder.2.", "t_embedder.mlp.2."),
+                 ("y_embedder.weight", "y_embedder.embedding_table.weight"),
+                 ("label_emb.weight", "label_emb.embedding_table.weight"),
+                 ("final_linear.", "final_layer.linear."), ("final_adaLN.1.", "final_layer.adaLN_modulation.1.")]
+
+
+def upgrade_legacy_state(state: dict[str, torch.Tensor], cfg: DenoiserConfig) -> dict[str, torch.Tensor]:
+    """Rename pre-0.2 keys; a DiT saved without its position table gets the one it was trained with."""
+    out = {}
+    for k, v in state.items():
+        for old, new in _LEGACY_NAMES:
+            if k.startswith("net." + old):
+                k = "net." + new + k[len("net." + old):]
+                break
+        out[k] = v
+    if cfg.arch == "dit" and "net.pos_embed" not in out and "net.x_embedder.weight" in state:
+        out["net.pos_embed"] = sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size, legacy=True)[None]
+    return out
+
+
 def load_denoiser(path) -> tuple[Denoiser, dict]:
     """Load a denoiser of ours; returns (model in eval mode, metadata incl. the autoencoder it was trained for)."""
     from .checkpoints import FORMAT, CheckpointError, load_state_dict_strict, read_safetensors
@@ -331,6 +405,6 @@ def load_denoiser(path) -> tuple[Denoiser, dict]:
     if metadata.get("format") != FORMAT or metadata.get("kind") != "denoiser":
         raise CheckpointError(f"{path}: not a dcae-edge denoiser checkpoint")
     model = Denoiser(DenoiserConfig.from_dict(json.loads(metadata["config"])))
-    load_state_dict_strict(model, tensors, str(path))
+    load_state_dict_strict(model, upgrade_legacy_state(tensors, model.config), str(path))
     meta = {k: (json.loads(v) if v[:1] in "{[" else v) for k, v in metadata.items() if k not in ("config",)}
     return model.eval(), meta

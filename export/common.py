@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,12 @@ class ExportError(RuntimeError):
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--variant", required=True, help="f32 | f64 | f128")
+    ap.add_argument("--variant", default=None,
+                    help="f32 | f64 | f128: the edge preset (and its bundled weights); optional when --weights names the model")
     ap.add_argument("--weights", default=None,
-                    help="autoencoder: anything load_autoencoder takes (default: the bundled edge weights; 'random' = random init)")
+                    help="autoencoder (anything load_autoencoder takes), or a released DC-AE generator folder / hub id "
+                         "(mit-han-lab/dc-ae-...-in-512px: autoencoder + denoiser + sampler); default: the bundled edge "
+                         "weights; 'random' = random init")
     ap.add_argument("--denoiser", default=None, help="denoiser .safetensors (default: the bundled one when it fits); 'none' to skip")
     ap.add_argument("--out", default=None, help="bundle folder (default exports/<variant>)")
     ap.add_argument("--resolution", type=int, default=None, help="export resolution in pixels (default 512)")
@@ -41,8 +45,46 @@ def notice(msg: str) -> None:
     print(f"\n!!! {msg}\n", flush=True)
 
 
+def portable_source(src) -> str:
+    """What the manifest records about where weights came from: names, never this machine's paths
+    (a shipped bundle must not leak its maker's directory layout)."""
+    p = Path(str(src))
+    return p.name if (p.is_file() or p.is_dir() or p.is_absolute() or str(src).startswith(".")) else str(src)
+
+
+def weights_digest(src) -> str | None:
+    from .bundle import sha256_file
+
+    p = Path(str(src))
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+        return sha256_file(files[0]) if len(files) == 1 else None
+    return None
+
+
+def detect_release(weights: str | None) -> bool:
+    """True when --weights names a released generator (folder with a known model_name, or its hub id)."""
+    if not weights:
+        return False
+    from dcae_edge.checkpoints import looks_like_path
+    from dcae_edge.official import RELEASES
+
+    p = Path(weights)
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            name = json.loads((p / "config.json").read_text()).get("model_name", "")
+        except json.JSONDecodeError:
+            return False
+        return name in RELEASES or bool(re.search(r"-(uvit|usit|dit|sit)-", name))
+    return (not looks_like_path(weights) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights) is not None
+            and weights.split("/")[-1] in RELEASES)
+
+
 def load_models(args) -> tuple:
-    """(autoencoder, ae_info, denoiser or None, dn_info) with every consistency check."""
+    """(autoencoder, ae_info, denoiser or None, dn_info) with every consistency check. Sets
+    ``args.variant`` from the weights when it was not given."""
     import torch
 
     from dcae_edge.checkpoints import (CheckpointError, bundled_weights_path, latent_fingerprint, latents_match,
@@ -50,9 +92,13 @@ def load_models(args) -> tuple:
     from dcae_edge.presets import VARIANT_ALIASES
 
     variant = args.variant
-    if variant not in LATENT_CHANNELS:
+    if variant is not None and variant not in LATENT_CHANNELS:
         raise ExportError(f"unknown --variant {variant!r}: choose one of {', '.join(LATENT_CHANNELS)}")
     weights = args.weights
+    if detect_release(weights):
+        return _load_release(args)
+    if variant is None and weights in (None, "random"):
+        raise ExportError("--variant is needed to pick the bundled edge model (f32 | f64 | f128), or pass --weights")
     random_weights = False
     if weights in (None, "random"):
         if weights is None and bundled_weights_path(variant) is not None:
@@ -68,13 +114,22 @@ def load_models(args) -> tuple:
         ae = load_autoencoder(weights)
     except (CheckpointError, KeyError) as e:
         raise ExportError(str(e)) from None
+    if variant is None:
+        variant = f"f{ae.spatial_compression}"
+        if variant not in LATENT_CHANNELS:
+            raise ExportError(f"--weights {weights}: an f{ae.spatial_compression} autoencoder; the exporters handle "
+                              f"{', '.join(LATENT_CHANNELS)}")
     if ae.config.latent_channels != LATENT_CHANNELS[variant] or ae.spatial_compression != COMPRESSION[variant]:
         raise ExportError(f"--weights {weights} is an f{ae.spatial_compression}c{ae.config.latent_channels} model "
                           f"({ae.config.name}) but --variant {variant} expects f{COMPRESSION[variant]}c{LATENT_CHANNELS[variant]}")
-    ae_info = {"source": weights, "name": ae.config.name, "fingerprint": model_fingerprint(ae),
+    args.variant = variant
+    ae_info = {"source": portable_source(weights), "name": ae.config.name, "fingerprint": model_fingerprint(ae),
                "latent_fingerprint": latent_fingerprint(ae), "config": ae.config.to_dict(),
                "scaling_factor": ae.scaling_factor, "spatial_compression": ae.spatial_compression,
                "random_weights": random_weights}
+    digest = weights_digest(weights)
+    if digest:
+        ae_info["weights_sha256"] = digest
     if random_weights:
         ae_info["warning"] = "randomly initialised weights: outputs are meaningless"
 
@@ -82,9 +137,10 @@ def load_models(args) -> tuple:
     res = args.resolution or DEFAULT_RESOLUTION[variant]
     if args.denoiser != "none" and ("transformer" in (args.graphs or ["transformer"])):
         from dcae_edge.denoiser import load_denoiser
+        from dcae_edge.sample import default_recipe
 
         explicit = args.denoiser is not None
-        path = Path(args.denoiser) if explicit else Path(__file__).resolve().parents[1] / "dcae_edge" / "weights" / f"dit-{variant}.safetensors"
+        path = Path(args.denoiser) if explicit else BUNDLED_DENOISERS.get(variant, Path("/nonexistent"))
         if path.is_file():
             try:
                 dn, meta = load_denoiser(path)
@@ -104,13 +160,57 @@ def load_models(args) -> tuple:
                 notice(f"bundled denoiser {path.name} not exported: {problem}")
                 dn = None
             else:
-                dn_info = {"source": str(path), "name": dn.config.name, "fingerprint": model_fingerprint(dn),
-                           "config": dn.config.to_dict(), "class_names": meta.get("class_names", []),
-                           "latent_scaling_factor": float(meta.get("latent_scaling_factor", ae.scaling_factor)),
-                           "sampler": "euler" if dn.config.prediction == "flow" else "dpm++2m"}
+                recipe = {**default_recipe(dn), **meta.get("recipe", {}),
+                          "latent_scaling_factor": float(meta.get("latent_scaling_factor", ae.scaling_factor)),
+                          "latent_shape": [dn.config.in_channels, dn.config.input_size, dn.config.input_size]}
+                dn_info = {"source": portable_source(path), "weights_sha256": weights_digest(path), "name": dn.config.name,
+                           "fingerprint": model_fingerprint(dn), "config": dn.config.to_dict(),
+                           "class_names": meta.get("class_names", []),
+                           "latent_scaling_factor": recipe["latent_scaling_factor"], "recipe": recipe}
         elif explicit:
             raise ExportError(f"--denoiser {path}: no such file")
     return ae, ae_info, dn, dn_info
+
+
+BUNDLED_DENOISERS = {"f64": Path(__file__).resolve().parents[1] / "dcae_edge" / "weights" / "dit-f64.safetensors"}
+
+
+def _load_release(args) -> tuple:
+    """A released generator: its autoencoder, denoiser and sampling recipe, all from one folder."""
+    from dcae_edge.checkpoints import CheckpointError, latent_fingerprint, model_fingerprint
+    from dcae_edge.official import load_diffusion_model
+
+    if args.denoiser not in (None, "none"):
+        raise ExportError(f"--weights {args.weights} is a released generator: it brings its own denoiser; drop --denoiser")
+    try:
+        m = load_diffusion_model(args.weights)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    ae = m.autoencoder
+    variant = f"f{ae.spatial_compression}"
+    if args.variant is not None and args.variant != variant:
+        raise ExportError(f"--weights {args.weights} is an {variant} model ({m.name}) but --variant is {args.variant}")
+    args.variant = variant
+    digest = weights_digest(args.weights)
+    ae_info = {"source": m.name, "name": ae.config.name, "fingerprint": model_fingerprint(ae),
+               "latent_fingerprint": latent_fingerprint(ae), "config": ae.config.to_dict(),
+               "scaling_factor": ae.scaling_factor, "spatial_compression": ae.spatial_compression,
+               "random_weights": False, "release": m.name}
+    dn, dn_info = None, None
+    if args.denoiser != "none" and "transformer" in (args.graphs or ["transformer"]):
+        dn = m.denoiser
+        dn_info = {"source": m.name, "release": m.name, "name": dn.config.name, "fingerprint": model_fingerprint(dn),
+                   "config": dn.config.to_dict(), "class_names": m.class_names,
+                   "latent_scaling_factor": m.scaling_factor, "recipe": m.recipe}
+    if digest:
+        ae_info["weights_sha256"] = digest
+        if dn_info:
+            dn_info["weights_sha256"] = digest
+    return ae, ae_info, dn, dn_info
+
+
+def default_out(args, ae_info: dict) -> Path:
+    return Path(args.out or f"exports/{ae_info.get('release') or args.variant}")
 
 
 def resolve_resolution(args, ae) -> int:
@@ -122,7 +222,7 @@ def resolve_resolution(args, ae) -> int:
     return res
 
 
-def build_specs(ae, dn, res: int, graphs: list[str] | None) -> list[GraphSpec]:
+def build_specs(ae, dn, res: int, graphs: list[str] | None, recipe: dict | None = None) -> list[GraphSpec]:
     wanted = graphs or ["vae_encoder", "vae_decoder", "transformer"]
     for g in wanted:
         if g not in ("vae_encoder", "vae_decoder", "transformer"):
@@ -134,7 +234,7 @@ def build_specs(ae, dn, res: int, graphs: list[str] | None) -> list[GraphSpec]:
         specs.append(vae_decoder_spec(ae, res))
     if "transformer" in wanted:
         if dn is not None:
-            specs.append(transformer_spec(dn))
+            specs.append(transformer_spec(dn, recipe))
         elif graphs and "transformer" in graphs:
             raise ExportError("--graphs transformer asked, but no denoiser is available for this variant (pass --denoiser)")
     return specs
@@ -225,6 +325,8 @@ def prepare_manifest(stage: Path, variant: str, res: int, dynamic: bool, ae_info
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     m = old if same else new_manifest(variant, res, dynamic)
     m["autoencoder"], m["denoiser"] = ae_info, dn_info
+    if dn_info is not None and dn_info.get("recipe"):
+        m["sampler"] = dn_info["recipe"]  # what an app in any language reads to sample
     return m
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate)
 from .specs import GraphSpec
 
@@ -311,11 +311,11 @@ def bundle_is_dynamic(args, out: Path) -> bool:
     return old.get("dynamic", True) if old else True
 
 
-def jobs(args, ae, dn, res_list: list[int]) -> list[tuple]:
+def jobs(args, ae, dn, res_list: list[int], recipe: dict | None = None) -> list[tuple]:
     """(spec, res or None, package stem) per package: all graphs at the bundle resolution, the
     autoencoder graphs again at every further one."""
     first = [(s, None if s.name == "transformer" else res_list[0], "model")
-             for s in build_specs(ae, dn, res_list[0], args.graphs)]
+             for s in build_specs(ae, dn, res_list[0], args.graphs, recipe)]
     vae = [g for g in (args.graphs or ["vae_encoder", "vae_decoder"]) if g != "transformer"]
     extra = [(s, r, f"model_{r}") for r in res_list[1:] if vae for s in build_specs(ae, None, r, vae)]
     return first + extra
@@ -375,14 +375,15 @@ def export_package(spec: GraphSpec, res: int | None, stem: str, args, stage: Pat
 
 def main(argv=None):
     args = parse(argv)
-    out = Path(args.out or f"exports/{args.variant}")
-    dynamic = bundle_is_dynamic(args, out)
     t0 = time.perf_counter()
-    print(f"[export.coreml] variant {args.variant} -> {out}")
     res_args = argparse.Namespace(**{**vars(args), "resolution": (args.resolution or [None])[0]})
     ae, ae_info, dn, dn_info = load_models(res_args)
+    args.variant = res_args.variant
+    out = default_out(args, ae_info)
+    dynamic = bundle_is_dynamic(args, out)
+    print(f"[export.coreml] {ae_info.get('release') or 'variant ' + args.variant} -> {out}")
     res_list = resolutions(args, ae)
-    todo = jobs(args, ae, dn, res_list)
+    todo = jobs(args, ae, dn, res_list, (dn_info or {}).get("recipe"))
     print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), fixed shapes at {', '.join(f'{r}px' for r in res_list)}, "
           f"{args.precision} compute, iOS17" + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))
     with bundle_transaction(out) as stage:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
 from .specs import GraphSpec
 
@@ -255,13 +255,14 @@ def main(argv=None):
                           "raise it); use --opset 18+, or --exporter torchscript for older runtimes")
     if args.opset > 23:
         raise ExportError(f"--opset {args.opset}: onnxruntime here supports up to opset 23")
-    out = Path(args.out or f"exports/{args.variant}")
+
     dynamic = not args.static
     t0 = time.perf_counter()
-    print(f"[export.onnx] variant {args.variant} -> {out}")
     ae, ae_info, dn, dn_info = load_models(args)
+    out = default_out(args, ae_info)
+    print(f"[export.onnx] {ae_info.get('release') or 'variant ' + args.variant} -> {out}")
     res = resolve_resolution(args, ae)
-    specs = build_specs(ae, dn, res, args.graphs)
+    specs = build_specs(ae, dn, res, args.graphs, (dn_info or {}).get("recipe"))
     print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), {'dynamic' if dynamic else 'static'} shapes, {res}px, "
           f"exporter {args.exporter}, opset {args.opset}" + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))
     with bundle_transaction(out) as stage:

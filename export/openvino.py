@@ -36,7 +36,7 @@ import numpy as np
 from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, export_sizes, load_models, notice,
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
 from .specs import GraphSpec
 
@@ -166,14 +166,15 @@ def main(argv=None):
     import openvino as ov
 
     args = parse(argv)
-    out = Path(args.out or f"exports/{args.variant}")
+
     dynamic = not args.static
     key = "openvino/fp16w" if args.fp16_weights else "openvino/fp32"
     t0 = time.perf_counter()
-    print(f"[export.openvino] variant {args.variant} -> {out}")
     ae, ae_info, dn, dn_info = load_models(args)
+    out = default_out(args, ae_info)
+    print(f"[export.openvino] {ae_info.get('release') or 'variant ' + args.variant} -> {out}")
     res = resolve_resolution(args, ae)
-    specs = build_specs(ae, dn, res, args.graphs)
+    specs = build_specs(ae, dn, res, args.graphs, (dn_info or {}).get("recipe"))
     print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), {'dynamic' if dynamic else 'static'} shapes, {res}px, "
           f"{'fp16' if args.fp16_weights else 'fp32'} weights"
           + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))

@@ -135,21 +135,25 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class TransformerGraph(torch.nn.Module):
-    """(hidden_states, timestep, class_labels) -> the prediction's first C channels (DiT's learned
-    variance is dropped: the samplers do not use it)."""
+    """(hidden_states, timestep, class_labels) -> the prediction (C channels), plus DiT's learned
+    variance (C more) when the sampler uses it (ADM ancestral steps); otherwise it is dropped."""
 
-    def __init__(self, denoiser):
+    def __init__(self, denoiser, keep_variance: bool = False):
         super().__init__()
         self.net = denoiser.net
         self.channels = denoiser.config.in_channels
         self.conditional = denoiser.config.conditional
-        self.learn_sigma = denoiser.config.learn_sigma
+        self.drop_variance = denoiser.config.learn_sigma and not keep_variance
 
     def forward(self, hidden_states, timestep, class_labels):
         out = self.net(hidden_states, timestep, class_labels if self.conditional else None)
         # slice only when there is something to drop: a no-op slice exports as an `alias` node
         # that coremltools cannot convert
-        return out[:, : self.channels] if self.learn_sigma else out
+        return out[:, : self.channels] if self.drop_variance else out
+
+
+def uses_learned_variance(denoiser, recipe: dict | None) -> bool:
+    return bool(denoiser.config.learn_sigma and recipe and recipe.get("solver", {}).get("name") == "adm")
 
 
 AE_FP16_KEEP_OPS = ("MatMul", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Clip", "Max")
@@ -199,19 +203,29 @@ def vae_decoder_spec(ae, height: int, width: int | None = None) -> GraphSpec:
 
 
 # ---------------------------------------------------------------------------------------------- denoiser
-def transformer_spec(denoiser, steps: int = 10, cfg_scale: float = 3.0) -> GraphSpec:
-    from dcae_edge.sample import generate_latents
+def transformer_spec(denoiser, recipe: dict | None = None, steps: int = 10) -> GraphSpec:
+    """Examples are inputs recorded along the model's own sampler (its recipe, at most ``steps``
+    steps; an adaptive ODE solver is replaced by fixed Heun steps, which visit the same states)."""
+    from dcae_edge.sample import default_recipe, generate_latents
+    from dcae_edge.schedules import with_solver
 
     cfg = denoiser.config
     c, s = cfg.in_channels, cfg.input_size
+    recipe = recipe or default_recipe(denoiser)
+    keep_variance = uses_learned_variance(denoiser, recipe)
+    example_recipe = with_solver(recipe, "heun") if recipe["solver"]["name"] == "dopri5" else recipe
+    cfg_scale = float(recipe.get("cfg_scale", 1.0)) if cfg.conditional else 1.0
+    if cfg.conditional and cfg_scale == 1.0:
+        cfg_scale = 3.0  # exercise the null class too
 
     def examples(sizes):  # exactly `batch` inputs recorded along a real sampling trajectory (CFG batch 2N)
         batch = sizes.get("batch", 2)
         n = (batch + 1) // 2 if cfg.conditional else batch
         record = []
-        classes = [i % cfg.num_classes for i in range(n)] if cfg.conditional else None
+        classes = [(7 * i) % cfg.num_classes for i in range(n)] if cfg.conditional else None
         with torch.no_grad():
-            generate_latents(denoiser, classes, steps, cfg_scale if cfg.conditional else 1.0, seed=0, n=n, record=record)
+            generate_latents(denoiser, classes, min(steps, int(recipe.get("steps", steps))), cfg_scale, seed=0, n=n,
+                             record=record, recipe=example_recipe)
         picks = np.linspace(0, len(record) - 1, min(4, len(record))).round().astype(int)
         rows = [(picks[j % len(picks)], j) for j in range(batch)]  # row j from step picks[j % 4]: fixed shapes hold
         hs = torch.stack([record[i][0][j] for i, j in rows])
@@ -219,11 +233,13 @@ def transformer_spec(denoiser, steps: int = 10, cfg_scale: float = 3.0) -> Graph
         ys = torch.stack([record[i][2][j] for i, j in rows]) if cfg.conditional else torch.zeros(batch, dtype=torch.long)
         return {"hidden_states": hs.numpy(), "timestep": ts.numpy().astype(np.float32), "class_labels": ys.numpy().astype(np.int64)}
 
+    out_c = 2 * c if keep_variance else c
     return GraphSpec(
-        name="transformer", module=TransformerGraph(denoiser).eval(),
+        name="transformer", module=TransformerGraph(denoiser, keep_variance).eval(),
         inputs=[TensorSpec("hidden_states", "float32", ("batch", c, s, s)), TensorSpec("timestep", "float32", ("batch",)),
                 TensorSpec("class_labels", "int64", ("batch",))],
-        outputs=[TensorSpec("sample", "float32", ("batch", c, s, s))],
+        outputs=[TensorSpec("sample", "float32", ("batch", out_c, s, s))],
         example_inputs=examples, tolerances=TENSOR_TOLERANCES,
         fp16_keep_ops=("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Softmax", "Sin", "Cos", "Exp"),
-        meta={"prediction": cfg.prediction, "num_classes": cfg.num_classes, "null_class": cfg.num_classes})
+        meta={"prediction": cfg.prediction, "num_classes": cfg.num_classes, "null_class": cfg.num_classes,
+              "prediction_channels": c, "learned_variance": keep_variance})

@@ -93,26 +93,54 @@ class CoreMLGraph:
 
 
 class TorchGraph:
-    """The torch model itself (reference backend; needs torch and the weights named in the manifest),
-    wrapped exactly as it was exported (export.specs)."""
+    """The torch model itself (reference backend; needs torch and the weights the bundle was
+    exported from), wrapped exactly as it was exported (export.specs). The manifest names its
+    weights without paths: bundled weights are found by name, anything else is passed as
+    ``weights`` (a checkpoint, or a released generator folder); fingerprints must match."""
 
-    def __init__(self, graph: str, manifest: dict, device: str = "cpu"):
+    def __init__(self, graph: str, manifest: dict, device: str = "cpu", weights: str | None = None):
         _require("torch", "torch", "torch")
-        from dcae_edge.checkpoints import load_autoencoder
+        from dcae_edge.checkpoints import load_autoencoder, model_fingerprint
         from dcae_edge.denoiser import load_denoiser
-        from export.specs import TransformerGraph, VaeDecoderGraph, VaeEncoderGraph
+        from export.specs import TransformerGraph, VaeDecoderGraph, VaeEncoderGraph, uses_learned_variance
 
+        part = manifest["denoiser"] if graph == "transformer" else manifest["autoencoder"]
+        release = part.get("release")
+        if release:
+            if not weights:
+                raise RuntimeUnavailable(f"the torch reference of {release} needs its folder: pass weights=PATH "
+                                         "(--weights) to the released model")
+            from dcae_edge.official import load_diffusion_model
+
+            m = load_diffusion_model(weights)
+            model = m.denoiser if graph == "transformer" else m.autoencoder
+        else:
+            src = weights or self._bundled(part["source"])
+            model = load_denoiser(src)[0] if graph == "transformer" else load_autoencoder(src)
+        if model_fingerprint(model) != part["fingerprint"]:
+            raise RuntimeUnavailable(f"{graph}: the torch weights ({weights or part['source']}) are not the ones this "
+                                     "bundle was exported from (fingerprint mismatch)")
         if graph == "transformer":
-            self.module = TransformerGraph(load_denoiser(manifest["denoiser"]["source"])[0])
+            self.module = TransformerGraph(model, uses_learned_variance(model, manifest.get("sampler")))
             self.input_names = ["hidden_states", "timestep", "class_labels"]
         else:
-            ae = load_autoencoder(manifest["autoencoder"]["source"])
-            self.module = VaeEncoderGraph(ae) if graph == "vae_encoder" else VaeDecoderGraph(ae)
+            self.module = VaeEncoderGraph(model) if graph == "vae_encoder" else VaeDecoderGraph(model)
             self.input_names = ["sample"] if graph == "vae_encoder" else ["latent_sample"]
         self.module = self.module.to(device).eval()
         self.device = device
         self.input_shapes = {}
         self.provider = f"torch:{device}"
+
+    @staticmethod
+    def _bundled(source: str) -> str:
+        from dcae_edge.checkpoints import BUNDLED_DIR
+
+        if (BUNDLED_DIR / source).is_file():
+            return str(BUNDLED_DIR / source)
+        if Path(source).exists() or "/" not in source:
+            return source  # a variant alias, preset, random:..., or a path that exists here
+        raise RuntimeUnavailable(f"the torch reference needs the weights this bundle was exported from ({source}); "
+                                 "pass weights=PATH")
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch

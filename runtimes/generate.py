@@ -1,6 +1,9 @@
 """Generate images from an exported bundle (no torch needed).
 
-    python -m runtimes.generate --bundle exports/f64 --classes 0 1 2 3 --steps 30 --cfg 3 --seed 0 --out gen.png
+    python -m runtimes.generate --bundle exports/f64 --classes 0 1 2 3 --seed 0 --out gen.png
+    python -m runtimes.generate --bundle exports/dc-ae-f64c128-in-1.0-uvit-h-in-512px --classes 207 "golden retriever"
+
+Steps, guidance and solver default to the bundle's recipe (how the model's authors sampled).
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ def main(argv=None) -> int:
         pipe = open_bundle(args.bundle, args.backend, args.precision, args.device)
         classes = args.classes
         if classes is None and pipe.class_names:
-            classes = list(range(len(pipe.class_names)))
+            k = len(pipe.class_names)  # a few well-known ImageNet classes for 1000-class models
+            classes = list(range(k)) if k <= 16 else [207, 360, 387, 974, 88, 979, 417, 279]
+        classes = pipe.class_ids(classes) if classes else classes
         t = time.perf_counter()
         images = pipe.generate(classes, args.steps, args.cfg, args.seed, args.sampler, n=args.n)
     except (BundleError, ValueError, RuntimeError) as e:

@@ -70,7 +70,7 @@ def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
 
 class Pipeline:
     def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25):
+                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25, weights: str | None = None):
         if backend not in BACKENDS:
             raise BundleError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -79,6 +79,7 @@ class Pipeline:
         self.manifest = read_manifest(self.path, verify=False)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
         self.verify = verify
+        self.weights = weights  # torch backend only: where the exported weights are
         self.tile_overlap = tile_overlap
         self._runners: dict = {}
         ae = self.manifest["autoencoder"]
@@ -127,7 +128,7 @@ class Pipeline:
         cache_key = (graph, key)
         if cache_key not in self._runners:
             if self.backend == "torch":
-                runner = TorchGraph(graph, self.manifest, self.device)
+                runner = TorchGraph(graph, self.manifest, self.device, self.weights)
             else:
                 files = info["files"]
                 if self.verify:
@@ -201,56 +202,58 @@ class Pipeline:
     def reconstruct(self, images, tile: int | None = None) -> np.ndarray:
         return self.decode(self.encode(images, tile), tile)
 
-    def generate(self, class_labels=None, steps: int = 30, cfg_scale: float = 1.0, seed: int = 0,
-                 sampler: str | None = None, n: int = 1, return_latents: bool = False):
-        """Sample with the bundle's denoiser (same maths and noise as ``dcae_edge.sample``), then decode."""
+    @property
+    def recipe(self) -> dict:
+        """How this bundle's denoiser samples (manifest ``sampler``): solver, steps, guidance, ..."""
+        return schedules.recipe_of_manifest(self.manifest)
+
+    def class_ids(self, classes) -> list[int]:
+        """Class ids from ids or names (``"7"``, ``7``, ``"golden retriever"``)."""
+        from dcae_edge.classes import resolve_classes
+
+        dn = self.manifest.get("denoiser") or {}
+        return resolve_classes(classes, self.class_names, int(dn.get("config", {}).get("num_classes", 0)))
+
+    def generate(self, class_labels=None, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+                 sampler: str | None = None, n: int = 1, return_latents: bool = False, latents=None):
+        """Sample with the bundle's denoiser and its recipe (same maths and noise as
+        ``dcae_edge.sample``), then decode. ``steps``/``cfg_scale``/``sampler`` default to the recipe;
+        ``latents``: explicit initial noise (N x C x h x w) instead of the seed's."""
         dn = self.manifest.get("denoiser")
         if not dn or "transformer" not in self.manifest["graphs"]:
             raise BundleError(f"{self.path} has no denoiser: export one with python -m export.onnx --denoiser FILE")
         cfg = dn["config"]
         conditional = cfg["num_classes"] > 0
-        if steps < 1:
-            raise BundleError(f"steps must be >= 1, got {steps}")
         if conditional:
             if class_labels is None or not len(class_labels):
+                names = self.class_names[:10]
                 raise BundleError(f"this denoiser is class-conditional: pass class_labels in [0, {cfg['num_classes'] - 1}]"
-                                  + (f" ({', '.join(f'{i}={c}' for i, c in enumerate(self.class_names))})" if self.class_names else ""))
-            labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
-            if labels.min() < 0 or labels.max() >= cfg["num_classes"]:
-                raise BundleError(f"class ids must lie in [0, {cfg['num_classes'] - 1}], got {labels.tolist()}")
-            n = len(labels)
+                                  + (f" ({', '.join(f'{i}={c}' for i, c in enumerate(names))}"
+                                     f"{', ...' if len(self.class_names) > 10 else ''})" if names else ""))
+            try:
+                labels = np.asarray(self.class_ids(class_labels), dtype=np.int64)
+            except ValueError as e:
+                raise BundleError(str(e)) from None
         else:
             if class_labels is not None and len(class_labels):
                 raise BundleError("this denoiser is unconditional: pass no class_labels (use n=...)")
-            if cfg_scale != 1.0:
-                raise BundleError("classifier-free guidance needs a class-conditional denoiser; use cfg_scale=1")
-            labels = np.zeros(n, dtype=np.int64)
+            labels = None
         runner = self._runner("transformer")
         static_batch = 2 if not self.manifest.get("dynamic", True) or self.backend == "coreml" else None
-        null = cfg["num_classes"]
-
-        def model_fn(x, t):
-            if conditional and cfg_scale != 1.0:
-                xin, yin = np.concatenate([x, x]), np.concatenate([labels, np.full_like(labels, null)])
-            else:
-                xin, yin = x, labels
-            tin = np.full(len(xin), t, dtype=np.float32)
-            if static_batch and len(xin) % static_batch:
-                raise BundleError("this static transformer graph runs CFG pairs: use cfg_scale != 1 or a dynamic bundle")
-            out = self._run_batched(runner, {"hidden_states": xin.astype(np.float32), "timestep": tin, "class_labels": yin},
-                                    static_batch)
-            return schedules.guided(out[:n], out[n:], cfg_scale) if len(xin) == 2 * n and cfg_scale != 1.0 else out
-
-        x = schedules.initial_noise((n, cfg["in_channels"], cfg["input_size"], cfg["input_size"]), seed)
-        latents = schedules.sample(cfg["prediction"], model_fn, x, steps, sampler).astype(np.float32)
-        images = self.decode(latents / float(dn["latent_scaling_factor"]))
-        return (images, latents) if return_latents else images
+        try:
+            z = schedules.generate_numpy(self.recipe, lambda feed: runner.run(feed)[0], labels, n, steps, cfg_scale, seed,
+                                         latents, sampler, static_batch=static_batch)
+        except schedules.SamplerError as e:
+            raise BundleError(str(e)) from None
+        images = self.decode(z / float(self.recipe.get("latent_scaling_factor") or dn["latent_scaling_factor"]))
+        return (images, z) if return_latents else images
 
 
 def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
-                threads: int | None = None, verify: bool = True) -> Pipeline:
-    """Open an exported bundle (manifest and checksums are checked when a graph is first loaded)."""
-    return Pipeline(bundle, backend, precision, device, threads, verify)
+                threads: int | None = None, verify: bool = True, weights: str | None = None) -> Pipeline:
+    """Open an exported bundle (manifest and checksums are checked when a graph is first loaded).
+    ``weights``: for backend="torch", the checkpoint or released folder the bundle came from."""
+    return Pipeline(bundle, backend, precision, device, threads, verify, weights=weights)
 
 
 __all__ = ["Pipeline", "open_bundle", "read_manifest", "BundleError", "RuntimeUnavailable"]
