@@ -156,6 +156,47 @@ def efficientvit_to_ours(state: dict[str, torch.Tensor], model: DCAE) -> dict[st
     return {efficientvit_key(k, expected): v for k, v in state.items()}
 
 
+def ours_to_efficientvit(state: dict, cfg) -> dict:
+    """Our tensor names -> efficientvit's (dc_ae.py / ops.py layout, as in the released files)."""
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if k.startswith("encoder.conv_in."):
+            new = "encoder.project_in.conv." + ".".join(parts[2:])
+            new = new.replace("project_in.conv.conv.", "project_in.conv.conv.")
+        elif k.startswith("decoder.conv_out."):
+            new = "decoder.project_out.op_list.2.conv." + ".".join(parts[2:])
+        elif k.startswith("decoder.norm_out."):
+            new = "decoder.project_out.op_list.0." + parts[-1]
+        elif k.startswith("encoder.conv_out."):
+            new = "encoder.project_out.main.op_list.0.conv." + parts[-1]
+        elif k.startswith("decoder.conv_in."):
+            new = "decoder.project_in.main.conv." + parts[-1]
+        else:
+            side, _, stage, op = parts[:4]
+            rest = ".".join(parts[4:])
+            rest = (rest.replace("attn.to_qkv_multiscale.0.proj_in.", "context_module.main.aggreg.0.0.")
+                    .replace("attn.to_qkv_multiscale.0.proj_out.", "context_module.main.aggreg.0.1.")
+                    .replace("attn.to_qkv.", "context_module.main.qkv.conv.")
+                    .replace("attn.to_out.", "context_module.main.proj.conv.")
+                    .replace("attn.norm_out.", "context_module.main.proj.norm.")
+                    .replace("conv_out.conv_inverted.", "local_module.main.inverted_conv.conv.")
+                    .replace("conv_out.conv_depth.", "local_module.main.depth_conv.conv.")
+                    .replace("conv_out.conv_point.", "local_module.main.point_conv.conv.")
+                    .replace("conv_out.norm.", "local_module.main.point_conv.norm."))
+            if rest.startswith(("conv1.", "conv2.")):
+                rest = rest[:6] + "conv." + rest[6:]
+            elif rest.startswith("norm."):
+                rest = "conv2.norm." + rest[5:]
+            elif rest.startswith("conv."):  # down/up block: ConvPixel(Un)Shuffle wraps a ConvLayer
+                rest = "conv.conv." + rest[5:] if cfg.downsample_block_type == "pixel_unshuffle" else rest
+            if not rest.startswith(("context_module", "local_module")):
+                rest = "main." + rest
+            new = f"{side}.stages.{stage}.op_list.{op}.{rest}"
+        out[new] = v
+    return out
+
+
 def looks_like_path(src: str) -> bool:
     """Strings that can only mean a local file or folder (never a hub id ``owner/name``)."""
     return (src.startswith((".", "/", "~")) or "\\" in src or src.count("/") != 1

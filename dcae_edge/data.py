@@ -101,18 +101,28 @@ class ImageFolder:
         self.images = [t.to(device) for t in self.images]
         return self
 
+    def balanced_weights(self) -> torch.Tensor:
+        """Per-image sampling weights 1 / sqrt(images in its sub-folder): a large collection (213
+        nebula photos) does not dominate, a small one is not repeated to death."""
+        labels = torch.tensor(self.labels)
+        counts = torch.bincount(labels).double()
+        w = 1.0 / counts[labels].sqrt()
+        return w / w.sum()
+
     def random_crops(self, n: int, size: int, generator: torch.Generator, min_scale: float = 0.5,
-                     flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     flip: bool = True, balance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random crops (uint8, N x 3 x size x size, on the images' device) and their labels.
 
         Each crop covers a random square of side in [min_scale, 1] x short side of a random image,
-        resized to ``size`` with antialiasing, randomly mirrored. The random numbers come from the
+        resized to ``size`` with antialiasing, randomly mirrored (``flip``); images drawn uniformly or,
+        with ``balance``, by ``balanced_weights``. The random numbers come from the
         CPU ``generator`` only, so crops are identical on every device.
         """
         device = self.images[0].device
         out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
         labels = torch.empty(n, dtype=torch.long)
-        idx = torch.randint(len(self.images), (n,), generator=generator)
+        idx = (torch.multinomial(self.balanced_weights(), n, replacement=True, generator=generator) if balance
+               else torch.randint(len(self.images), (n,), generator=generator))
         u = torch.rand(n, 4, generator=generator)
         for i in range(n):
             img = self.images[idx[i]]

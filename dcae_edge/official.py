@@ -76,7 +76,7 @@ def _register_zoo() -> None:
     # parameters per efficientvit's README (UViT f32 rows recomputed from the code to the unit; DiT-XL trainable only)
     table = [("f32c32", "uvit-s", UVIT_DPM, 1.5, 44_788_768), ("f32c32", "uvit-h", UVIT_DPM, 1.5, 500_868_896),
              ("f64c128", "uvit-h", UVIT_DPM, 1.5, 500_868_992), ("f32c32", "uvit-2b", UVIT_DPM, 1.5, 1_580_396_576),
-             ("f64c128", "uvit-2b", UVIT_DPM, 1.5, 1_580_397_056), ("f32c32", "usit-h", USIT_ODE, 1.2, 500_868_896),
+             ("f64c128", "uvit-2b", UVIT_DPM, 1.5, 1_580_396_672), ("f32c32", "usit-h", USIT_ODE, 1.2, 500_868_896),
              ("f32c32", "usit-2b", USIT_ODE, 1.15, 1_580_396_576), ("f32c32", "dit-xl", DIT_ADM, 1.3, 674_890_048)]
     for ae, model, recipe, cfg, params in table:
         ae_name, c, s, sf = aes[ae]
@@ -171,6 +171,24 @@ def _build(make, meta: bool):
         return make()
     with torch.device("meta"):
         return make()
+
+
+def write_release_folder(folder: str | os.PathLike, name: str, ae, denoiser: Denoiser) -> Path:
+    """Write a generator exactly as the model hub stores the released ones: config.json holding only
+    model_name, one fp32 model.safetensors with autoencoder.* (efficientvit names) and
+    diffusion_model.* (plain module names). For tests and benchmarks with random weights."""
+    from safetensors.torch import save_file
+
+    from .checkpoints import ours_to_efficientvit
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_name": name}, indent=2))
+    state = {"autoencoder." + k: v.float() for k, v in ours_to_efficientvit(ae.state_dict(), ae.config).items()
+             if not k.endswith("num_batches_tracked")}
+    state.update({"diffusion_model." + k[len("net."):]: v.float() for k, v in denoiser.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
 
 
 def load_release(folder: str | os.PathLike, name: str | None = None, device: str = "cpu") -> DiffusionModel:

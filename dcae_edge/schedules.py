@@ -41,16 +41,54 @@ class SamplerError(ValueError):
     """A recipe or sampling option that cannot work; the message says what to use instead."""
 
 
+# Portable noise: a counter-based generator simple enough to re-implement bit for bit in any
+# language (the browser's JavaScript, an app's Kotlin or Swift), so a seed means the same image
+# everywhere. u32(k) = lowbias32(lowbias32(k ^ key)) for counter k; two words make one 53-bit
+# uniform in (0, 1); Box-Muller turns each pair of uniforms into two normals (cos, sin), in
+# float64, rounded to float32. key = lowbias32(seed ^ (0x9E3779B9 * (stream + 1))).
+NOISE_GENERATOR = "dcae-lowbias32-boxmuller-v1"
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def portable_normals(seed: int, count: int, stream: int = 0, offset: int = 0) -> np.ndarray:
+    """``count`` standard normals (float32) from position ``offset`` of (seed, stream)."""
+    key = _lowbias32(np.array([(seed & 0xFFFFFFFF) ^ ((0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF)], np.uint64))[0]
+    pairs = (count + 1) // 2
+    first = offset // 2  # offsets are consumed in whole pairs
+    k = (np.arange(first, first + pairs, dtype=np.uint64) * 4) & 0xFFFFFFFF
+    words = [_lowbias32(_lowbias32((k + j) & 0xFFFFFFFF ^ key)).astype(np.float64) for j in range(4)]
+    u1 = (np.floor(words[0] / 32) * 67108864 + np.floor(words[1] / 64) + 0.5) / 9007199254740992.0
+    u2 = (np.floor(words[2] / 32) * 67108864 + np.floor(words[3] / 64) + 0.5) / 9007199254740992.0
+    r, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
+    out = np.stack([r * np.cos(theta), r * np.sin(theta)], 1).reshape(-1)
+    return out[offset % 2: offset % 2 + count].astype(np.float32)
+
+
 def initial_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Starting noise for a seed, identical for every backend (numpy PCG64, float64 -> float32)."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float64).astype(np.float32)
+    """Starting noise for a seed, identical for every backend and language (portable_normals)."""
+    return portable_normals(seed, int(np.prod(shape))).reshape(shape)
 
 
 def step_noise(seed: int) -> Callable:
-    """Fresh noise for ancestral samplers: a second stream of the same seed, so every backend
-    draws the same numbers in the same order."""
-    rng = np.random.default_rng([seed, 1])
-    return lambda shape: rng.standard_normal(shape, dtype=np.float64).astype(np.float32)
+    """Fresh noise for ancestral samplers: stream 1 of the same seed, consumed in order."""
+    used = [0]
+
+    def draw(shape):
+        n = int(np.prod(shape))
+        start = used[0] + (used[0] % 2)  # each draw starts on a fresh pair
+        used[0] = start + n
+        return portable_normals(seed, n, stream=1, offset=start).reshape(shape)
+
+    return draw
 
 
 # ---------------------------------------------------------------------------------------------- recipes

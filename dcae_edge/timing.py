@@ -4,6 +4,8 @@ Standard library only, so torch-free code (``runtimes``) can use it.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from typing import Callable
 
@@ -25,3 +27,15 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1,
             sync()
         times.append((time.perf_counter() - t) * 1000)
     return times
+
+
+def run_measured(cmd: list[str], cwd=None, env=None) -> dict:
+    """Run a command in its own process; its wall time and *its own* peak RSS (``os.wait4`` reports
+    the one child's rusage; RUSAGE_CHILDREN would be the maximum over every child so far)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(time.perf_counter() - t, 1), "peak_rss_gib": round(usage.ru_maxrss / 1024 / 1024, 2),
+            "returncode": proc.returncode, "output": out}

@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_side: int = 768
+    balance: bool = False              # sample sub-folders (photo collections) by 1/sqrt(size), not uniformly
 
     def phase_value(self, key: str):
         v = getattr(self, key)
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.steps:
         if cfg.time_budget and time.time() - t0 > cfg.time_budget:
             break
-        crops, _ = data.random_crops(cfg.batch_size, res, step_generator(cfg.seed, step, dist_info.rank))
+        crops, _ = data.random_crops(cfg.batch_size, res, step_generator(cfg.seed, step, dist_info.rank), balance=cfg.balance)
         x = to_model_range(crops)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, base_lr, cfg)

@@ -32,6 +32,9 @@ class JudgeConfig:
     batch_size: int = 128
     lr: float = 3e-3
     width: int = 24
+    extra_renders: int = 0          # more training-font renders beyond the dataset's (indices after it)
+    fonts: str = "data/fonts"
+    photos: str = "data/photos/train"
     seed: int = 0
 
 
@@ -66,6 +69,20 @@ def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.tensor(ys)
 
 
+def render_extra(cfg: "JudgeConfig", start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh renders of the training fonts (same renderer and seed, indices after the dataset's)."""
+    from .digits import all_fonts, load_background_photos, render_sample
+
+    fonts = all_fonts(Path(cfg.fonts))
+    photos, _ = load_background_photos(cfg.photos)
+    xs, ys = [], []
+    for i in tqdm(range(start, start + cfg.extra_renders), desc="rendering extra", dynamic_ncols=True):
+        img, _ = render_sample(i, "train", fonts, photos)
+        xs.append(to_judge_input(img))
+        ys.append(i % 10)
+    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys)
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Blur (a decoder's soft strokes), small shifts, brightness/contrast, noise."""
     n = x.shape[0]
@@ -80,6 +97,13 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = xb.reshape(n, 3, INPUT_SIZE, INPUT_SIZE)
     shift = torch.randint(-3, 4, (2,), generator=g).tolist()
     x = torch.roll(x, shifts=shift, dims=(2, 3))
+    if torch.rand(1, generator=g).item() < 0.5:  # small rotations / scalings of the whole batch
+        ang = (torch.rand(n, generator=g) - 0.5) * 0.3
+        sc = 1 + (torch.rand(n, generator=g) - 0.5) * 0.2
+        theta = torch.stack([torch.stack([sc * torch.cos(ang), -sc * torch.sin(ang), torch.zeros(n)], 1),
+                             torch.stack([sc * torch.sin(ang), sc * torch.cos(ang), torch.zeros(n)], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     a = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
     b = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
     return (x * a + b + 0.03 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
@@ -96,6 +120,9 @@ def train(cfg: JudgeConfig) -> dict:
     torch.manual_seed(cfg.seed)
     root = Path(cfg.data)
     xtr, ytr = load_split(root, "train")
+    if cfg.extra_renders:
+        xe, ye = render_extra(cfg, len(xtr))
+        xtr, ytr = torch.cat([xtr, xe]), torch.cat([ytr, ye])
     xho, yho = load_split(root, "heldout")
     model = DigitNet(cfg.width)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)

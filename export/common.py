@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import numpy as np
 from dcae_edge.compare import compare, describe, passes
 
 from .bundle import BundleError, new_manifest, read_manifest
-from .specs import GraphSpec, transformer_spec, vae_decoder_spec, vae_encoder_spec
+
+if TYPE_CHECKING:  # the specs import torch: only the functions that build graphs need them
+    from .specs import GraphSpec
 
 LATENT_CHANNELS = {"f32": 32, "f64": 128, "f128": 512}
 COMPRESSION = {"f32": 32, "f64": 64, "f128": 128}
@@ -223,6 +226,8 @@ def resolve_resolution(args, ae) -> int:
 
 
 def build_specs(ae, dn, res: int, graphs: list[str] | None, recipe: dict | None = None) -> list[GraphSpec]:
+    from .specs import transformer_spec, vae_decoder_spec, vae_encoder_spec
+
     wanted = graphs or ["vae_encoder", "vae_decoder", "transformer"]
     for g in wanted:
         if g not in ("vae_encoder", "vae_decoder", "transformer"):
@@ -341,6 +346,23 @@ def run_cli(main_fn, argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the previous bundle (if any) is untouched.", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e.name or "")
+        if extra is None:
+            raise
+        print(f"error: this command needs the [{extra}] extra ({e.name} is not installed): "
+              f"pip install 'dcae-edge[{extra}]'\nnothing was written.", file=sys.stderr)
+        return 2
+
+
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnxslim": "export", "tqdm": "export",
+          "matplotlib": "export", "openvino": "openvino", "nncf": "openvino", "coremltools": "coreml",
+          "executorch": "mobile", "torchao": "mobile", "huggingface_hub": "hub"}
+
+
+def missing_extra(module: str) -> str | None:
+    """The extra of ours that installs ``module`` (None: not one of our optional dependencies)."""
+    return EXTRAS.get(module.split(".")[0])
 
 
 class ValidationFailed(ExportError):

@@ -45,13 +45,15 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bundle import bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate)
-from .specs import GraphSpec
+if TYPE_CHECKING:
+    from .specs import GraphSpec
 
 COREML_DTYPES = {"float32": np.float32, "int64": np.int32}       # Core ML has no int64 inputs
 ARRAY_DTYPES = {"float32": "FLOAT32", "int64": "INT32"}          # what the package must declare

@@ -22,13 +22,15 @@ import io
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
-from .specs import GraphSpec
+if TYPE_CHECKING:
+    from .specs import GraphSpec
 
 TWO_GB = 2 * 1024**3
 

@@ -30,6 +30,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,7 +39,8 @@ from dcae_edge.timing import time_calls
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
-from .specs import GraphSpec
+if TYPE_CHECKING:
+    from .specs import GraphSpec
 
 # optimum-intel writes this for Sana's DC-AE encoder and decoder (PR #994, #1110)
 RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}

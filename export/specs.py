@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
+
+try:
+    import torch
+
+    _Module = torch.nn.Module
+except ImportError:  # the app-only install has no torch: specs can be read, graphs not traced
+    torch, _Module = None, object
 
 GRAPH_NAMES = ("vae_encoder", "vae_decoder", "transformer")
 
@@ -114,7 +120,7 @@ def _evit_stages(types, depths, head_dim, height, width, scale_of) -> list[dict]
             for i, (t, d) in enumerate(zip(types, depths)) if t == "EfficientViTBlock" and d > 0]
 
 
-class VaeEncoderGraph(torch.nn.Module):
+class VaeEncoderGraph(_Module):
     """sample -> latent_sample (unscaled). No input checks: they are data-dependent and break tracing."""
 
     def __init__(self, ae):
@@ -125,7 +131,7 @@ class VaeEncoderGraph(torch.nn.Module):
         return self.encoder(sample)
 
 
-class VaeDecoderGraph(torch.nn.Module):
+class VaeDecoderGraph(_Module):
     def __init__(self, ae):
         super().__init__()
         self.decoder = ae.decoder
@@ -134,7 +140,7 @@ class VaeDecoderGraph(torch.nn.Module):
         return self.decoder(latent_sample)
 
 
-class TransformerGraph(torch.nn.Module):
+class TransformerGraph(_Module):
     """(hidden_states, timestep, class_labels) -> the prediction (C channels), plus DiT's learned
     variance (C more) when the sampler uses it (ADM ancestral steps); otherwise it is dropped."""
 

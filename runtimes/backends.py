@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("onnxruntime", "openvino", "coreml", "torch")
-ARTIFACT_PREFIX = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml"}
+BACKENDS = ("onnxruntime", "openvino", "coreml", "executorch", "torch")
+ARTIFACT_PREFIX = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml", "executorch": "pte"}
+EP_NAMES = {"xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider", "coreml": "CoreMLExecutionProvider",
+            "cuda": "CUDAExecutionProvider", "qnn": "QNNExecutionProvider", "webgpu": "WebGpuExecutionProvider",
+            "cpu": "CPUExecutionProvider"}
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -25,20 +28,37 @@ def _require(module: str, backend: str, pip: str):
 
 
 class OrtGraph:
-    """onnxruntime InferenceSession; ``device='cuda'`` asks for the CUDA provider and refuses a
-    silent CPU fallback."""
+    """onnxruntime InferenceSession of an ``.onnx`` or ORT-format ``.ort`` file. ``device='cuda'``
+    asks for the CUDA provider and refuses a silent CPU fallback; ``providers`` (e.g. ["xnnpack"])
+    asks for others: one that is not the one running is reported (a warning and
+    ``active_providers``), never silently (the PyPI wheel has CPU only; XNNPACK, NNAPI, Core ML
+    ship in the mobile packages)."""
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, providers: list[str] | None = None):
+        import warnings
+
         ort = _require("onnxruntime", "onnxruntime", "onnxruntime (or onnxruntime-gpu on CUDA machines)")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if str(path).endswith(".ort"):
+            so.add_session_config_entry("session.load_model_format", "ORT")
+            if ".with_runtime_opt." in str(path):
+                so.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+        wanted = [EP_NAMES.get(p.lower(), p) for p in (providers or [])]
+        available = set(ort.get_available_providers())
+        chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+        base = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), so, providers=chosen + base)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeUnavailable("onnxruntime could not load its CUDA provider (install onnxruntime-gpu with a "
                                      "matching CUDA/cuDNN); refusing to fall back to CPU silently")
+        self.active_providers = self.session.get_providers()
+        missing = [p for p in wanted if p not in self.active_providers]
+        if missing:
+            warnings.warn(f"onnxruntime: {', '.join(missing)} asked for but not available in this build (it has "
+                          f"{', '.join(sorted(available))}); running on {self.active_providers[0]}", stacklevel=3)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
@@ -70,6 +90,32 @@ class OpenVinoGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.request.infer({k: feeds[k] for k in self.input_names})
         return [self.request.get_tensor(n).data.copy() for n in self.output_names]
+
+
+class ExecuTorchGraph:
+    """An ExecuTorch program (``.pte``, XNNPACK delegate) through executorch's Python runtime. On a
+    phone the C++ runtime runs the same file without torch; this Linux binding passes torch
+    tensors, so this one backend needs torch."""
+
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str]):
+        rt = _require("executorch.runtime", "executorch", "'dcae-edge[mobile]'")
+        try:
+            self.program = rt.Runtime.get().load_program(str(path))
+            self.method = self.program.load_method("forward")
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one clear line
+            raise RuntimeUnavailable(f"{path}: ExecuTorch cannot load this program ({type(e).__name__}: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else 'invalid .pte'}); "
+                                     "re-export it with python -m export.mobile") from None
+        self.input_names, self.output_names = input_names, output_names
+        self.input_shapes = {}
+        self.active_providers = ["XnnpackBackend"]
+        self.provider = "executorch:xnnpack"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in self.input_names])
+        return [o.numpy() if hasattr(o, "numpy") else np.asarray(o) for o in outs]
 
 
 class CoreMLGraph:

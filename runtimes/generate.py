@@ -8,12 +8,14 @@ Steps, guidance and solver default to the bundle's recipe (how the model's autho
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from pathlib import Path
 
 from dcae_edge import schedules
 
-from .images import save_grid
+from .images import IMAGE_SUFFIXES, out_paths, save_grid
 from .pipeline import BundleError, open_bundle
 
 
@@ -24,10 +26,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (openvino) | int8")
     ap.add_argument("--device", default="cpu")
     schedules.add_sampling_arguments(ap)
-    ap.add_argument("--out", default="generated.png")
+    ap.add_argument("--format", default="onnx", help="onnx | ort | ort-runtime (onnxruntime only)")
+    ap.add_argument("--out", default="generated.png",
+                    help=f"a grid file ({', '.join(sorted(IMAGE_SUFFIXES))}), else a folder with one PNG per image")
     args = ap.parse_args(argv)
     try:
-        pipe = open_bundle(args.bundle, args.backend, args.precision, args.device)
+        pipe = open_bundle(args.bundle, args.backend, args.precision, args.device, format=args.format)
         classes = args.classes
         if classes is None and pipe.class_names:
             k = len(pipe.class_names)  # a few well-known ImageNet classes for 1000-class models
@@ -35,10 +39,19 @@ def main(argv=None) -> int:
         classes = pipe.class_ids(classes) if classes else classes
         t = time.perf_counter()
         images = pipe.generate(classes, args.steps, args.cfg, args.seed, args.sampler, n=args.n)
-    except (BundleError, ValueError, RuntimeError) as e:
+        single = Path(args.out).suffix.lower() in IMAGE_SUFFIXES
+        label = lambda c: re.sub(r"[^\w.-]+", "_", str(pipe.class_names[c] if pipe.class_names else c))  # noqa: E731
+        names = [f"{i:02d}_{label(c)}.png" for i, c in enumerate(classes)] if classes \
+            else [f"{i:02d}.png" for i in range(len(images))]
+        dests = out_paths(args.out, ["grid.png"] if single else names)
+        if single:
+            save_grid(images, dests[0])
+        else:
+            for img, dst in zip(images, dests):
+                save_grid(img[None], dst)
+    except (BundleError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_grid(images, args.out)
     names = [pipe.class_names[c] for c in classes] if classes and pipe.class_names else None
     print(f"wrote {args.out}: {len(images)} images in {time.perf_counter() - t:.1f} s ({args.backend} {args.precision})"
           + (f", classes {names}" if names else ""))

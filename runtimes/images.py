@@ -13,6 +13,42 @@ def _fix_for_mode(mode: str) -> str:
             }.get(mode, "img.convert('RGB')")
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Image files as given, folders expanded to the images they hold (sorted); clear errors."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"{p} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return out
+
+
+def out_paths(out: str | Path, names: list[str]) -> list[Path]:
+    """One convention for every CLI: ``--out`` ending in an image extension is one file (then only
+    one image may be written), anything else a folder receiving ``names``."""
+    out = Path(out)
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        if len(names) != 1:
+            raise ValueError(f"--out {out} names one file but {len(names)} images would be written; pass a folder")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is an existing folder; pass a file name that is not a folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return [out / n for n in names]
+
+
 def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file as uint8 H x W x 3. ``size`` centre-crops and resizes (int = square)."""
     from PIL import Image, ImageOps

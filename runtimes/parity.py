@@ -110,6 +110,73 @@ def run_parity(bundle: Path, reference: Path, backends: list[str] | None = None,
             "rows": rows, "pass": all(r["status"] != "FAIL" for r in rows)}
 
 
+def _golden_shape_ok(dims: list, shape: tuple) -> bool:
+    return len(dims) == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(dims, shape))
+
+
+def check_golden(bundle: Path, backend: str = "onnxruntime", precision: str = "fp32", format: str = "onnx",
+                 verify: bool = True, device: str = "cpu") -> dict:
+    """Every graph on the bundle's golden inputs, each traced model call, and the whole generation
+    from the golden noise, against the golden torch outputs (golden/tolerances.json)."""
+    from safetensors.numpy import load_file
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, verify=verify)
+    if "golden" not in manifest:
+        raise BundleError(f"{bundle} has no golden vectors: python -m export.golden --bundle {bundle}")
+    tol_all = json.loads((bundle / "golden" / "tolerances.json").read_text())["tolerances"]
+    pipe = Pipeline(bundle, backend, precision, device, verify=verify, format=format)
+    rows, ok = [], True
+
+    def row(what: str, ref: np.ndarray, out: np.ndarray, tol: dict) -> None:
+        nonlocal ok
+        m = compare(ref, out)
+        good = passes(m, tol)
+        ok &= good
+        rows.append({"what": what, "pass": bool(good), "tolerance": tol, **{k: v for k, v in m.items() if k != "ref_max_abs"}})
+
+    def tolerance_for(graph: str) -> dict:
+        return tolerance(manifest, graph, precision) if precision != "int8" else INT8_GATES[graph]
+
+    def run_graph(graph: str, feeds: dict) -> np.ndarray:
+        runner = pipe._runner(graph)
+        batch = 2 if graph == "transformer" else 1
+        return pipe._run_batched(runner, feeds, batch if pipe._fixed_shapes else None)
+
+    for graph in ("vae_encoder", "vae_decoder", "transformer"):
+        path = bundle / "golden" / f"{graph}.safetensors"
+        if not path.is_file() or graph not in manifest["graphs"]:
+            continue
+        t = load_file(str(path))
+        spec = manifest["graphs"][graph]
+        for inp in spec["inputs"]:
+            if inp["name"] not in t or not _golden_shape_ok(inp["shape"], t[inp["name"]].shape):
+                raise BundleError(f"golden vectors golden/{graph}.safetensors: {inp['name']} has shape "
+                                  f"{tuple(t[inp['name']].shape) if inp['name'] in t else 'missing'}, the bundle's {graph} "
+                                  f"takes {inp['shape']}: the golden files belong to another bundle (re-run python -m export.golden)")
+        out_name = spec["outputs"][0]["name"]
+        row(graph, t[out_name], run_graph(graph, {i["name"]: t[i["name"]] for i in spec["inputs"]}), tolerance_for(graph))
+    gen_path = bundle / "golden" / "generation.safetensors"
+    if gen_path.is_file():
+        g = load_file(str(gen_path))
+        calls = sorted({int(k.split(".")[0][4:]) for k in g if k.startswith("call")})
+        refs, outs = [], []
+        for k in calls:
+            feeds = {n: g[f"call{k}.{n}"] for n in ("hidden_states", "timestep", "class_labels")}
+            refs.append(g[f"call{k}.sample"])
+            outs.append(run_graph("transformer", feeds))
+        row("generation: model calls", np.concatenate(refs), np.concatenate(outs), tolerance_for("transformer"))
+        meta = manifest["golden"]
+        images, z = pipe.generate(meta.get("classes"), seed=meta.get("seed", 0), latents=g["noise"], return_latents=True,
+                                  n=g["noise"].shape[0])
+        gen_tol = tol_all["generation"].get(precision, tol_all["generation"]["fp32"])
+        row("generation: latents", g["latents"], z, gen_tol)
+        if "image" in g:
+            row("generation: image", g["image"], images, gen_tol)
+    return {"bundle": str(bundle), "backend": backend, "precision": precision, "format": format, "pass": bool(ok),
+            "rows": rows}
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"Parity of `{report['bundle']}` against the torch reference `{report['reference']}` "
              f"(made on {report['reference_device']}, torch {report['reference_torch']}); host {report['host']}.", "",
@@ -129,11 +196,29 @@ def to_markdown(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
-    ap.add_argument("--reference", required=True, type=Path)
+    ap.add_argument("--reference", type=Path, default=None, help="a torch reference file (python -m runtimes.reference)")
+    ap.add_argument("--golden", action="store_true", help="check against the bundle's own golden vectors instead")
+    ap.add_argument("--backend", default="onnxruntime", help="--golden: the backend to check")
+    ap.add_argument("--precision", default="fp32", help="--golden: the precision to check")
+    ap.add_argument("--format", default="onnx", help="--golden: onnx | ort | ort-runtime (onnxruntime)")
     ap.add_argument("--backends", nargs="*", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="report path without suffix (default BUNDLE/parity)")
     args = ap.parse_args(argv)
+    if args.golden:
+        try:
+            report = check_golden(args.bundle, args.backend, args.precision, args.format, device=args.device)
+        except (BundleError, RuntimeUnavailable, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for r in report["rows"]:
+            print(f"  [{'✓' if r['pass'] else '✗'}] {r['what']}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB, "
+                  f"cosine {r['cosine']:.6f}  (tolerance {r['tolerance']})")
+        print(f"{'PASS' if report['pass'] else 'FAIL'}: {args.backend} {args.precision} ({args.format}) against "
+              f"{args.bundle}/golden")
+        return 0 if report["pass"] else 1
+    if args.reference is None:
+        ap.error("pass --reference FILE or --golden")
     try:
         report = run_parity(args.bundle, args.reference, args.backends, args.device)
     except (BundleError, ValueError) as e:

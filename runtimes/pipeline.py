@@ -11,6 +11,7 @@ reference). The sampler maths is ``dcae_edge.schedules``, shared with the torch 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import numpy as np
 
 from dcae_edge import schedules
 
-from .backends import ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable, TorchGraph
+from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
+                       TorchGraph)
 from .images import as_model_input
 from .tiling import tiled_apply
 
@@ -51,7 +53,6 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
 
 def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
     """Refuse missing, truncated or tampered files (size, then sha256 against the manifest)."""
-    from export.bundle import sha256_file
 
     for rel in files:
         meta = manifest["files"].get(rel)
@@ -68,11 +69,26 @@ def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
                               "copy the bundle again or re-export it")
 
 
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Pipeline:
     def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25, weights: str | None = None):
+                 threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25, weights: str | None = None,
+                 format: str = "onnx", providers: list[str] | None = None):
         if backend not in BACKENDS:
             raise BundleError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if format not in ("onnx", "ort", "ort-runtime"):
+            raise BundleError(f"unknown format {format!r}: onnx | ort (ORT format, fixed optimizations) | ort-runtime "
+                              "(ORT format for NNAPI / Core ML execution providers)")
+        if format != "onnx" and backend != "onnxruntime":
+            raise BundleError(f"format={format!r} is an onnxruntime format; use backend='onnxruntime'")
+        self.format, self.providers = format, providers
         if precision not in PRECISIONS:
             raise BundleError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.path = Path(bundle)
@@ -101,7 +117,7 @@ class Pipeline:
         arts = self.manifest["graphs"][graph]["artifacts"]
         if self.backend == "torch":
             return "torch", {}
-        prefix = ARTIFACT_PREFIX[self.backend]
+        prefix = self.format if self.backend == "onnxruntime" else ARTIFACT_PREFIX[self.backend]
         if self.backend == "openvino" and self.precision in ("fp32", "bf16"):
             keys = ["openvino/fp32", "openvino/fp16w"]
         elif self.backend == "coreml":
@@ -119,9 +135,26 @@ class Pipeline:
             keys = [f"{prefix}/{self.precision}"]
         for k in keys:
             if k in arts:
+                self._check_runtime_version(k, arts[k])
                 return k, arts[k]
-        raise BundleError(f"{graph}: no {self.backend} {self.precision} artifact in {self.path} (available: "
-                          f"{', '.join(sorted(arts))}); export or calibrate it first")
+        how = {"ort": "python -m export.mobile --bundle " + str(self.path), "ort-runtime": "python -m export.mobile --bundle "
+               + str(self.path), "pte": "python -m export.mobile --bundle " + str(self.path)}.get(prefix, "export or calibrate it first")
+        what = self.backend if prefix in ("onnx",) or self.backend != "onnxruntime" else f"{prefix}"
+        raise BundleError(f"{graph}: no {what} {self.precision} artifact in {self.path} (available: "
+                          f"{', '.join(sorted(arts))}); {how}")
+
+    def _check_runtime_version(self, key: str, info: dict) -> None:
+        """ORT-format files are tied to the onnxruntime release that wrote them (no compatibility
+        promise for minimal builds): refuse another major.minor with what to do."""
+        if not key.startswith("ort"):
+            return
+        import onnxruntime
+
+        made = str(info.get("onnxruntime_version", "?"))
+        if made.split(".")[:2] != onnxruntime.__version__.split(".")[:2]:
+            raise BundleError(f"{key} was converted by onnxruntime {made}; this is {onnxruntime.__version__}. Install "
+                              f"onnxruntime=={made} (pip install onnxruntime=={made}) or re-export: python -m export.mobile "
+                              f"--bundle {self.path}")
 
     def _runner(self, graph: str, resolution: int | None = None):
         key, info = self._artifact(graph, resolution)
@@ -136,17 +169,32 @@ class Pipeline:
                                  [f for f in self.manifest["files"] if any(f == x or f.startswith(x + "/") for x in files)])
                 main = self.path / files[0]
                 if self.backend == "onnxruntime":
-                    runner = OrtGraph(main, self.device, self.threads)
+                    runner = OrtGraph(main, self.device, self.threads, self.providers)
+                elif self.backend == "executorch":
+                    g = self.manifest["graphs"][graph]
+                    runner = ExecuTorchGraph(main, [t["name"] for t in g["inputs"]], [t["name"] for t in g["outputs"]])
                 elif self.backend == "openvino":
                     hint = "bf16" if self.precision == "bf16" else "f32"
                     runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device, hint, self.threads)
                 else:
                     runner = CoreMLGraph(main)
             runner.static = bool(info.get("fixed_shapes")) or not self.manifest.get("dynamic", True)
+            runner.static_batch = info.get("batch")
             self._runners[cache_key] = runner
         return self._runners[cache_key]
 
     # ------------------------------------------------------------------------------------------ shapes
+    @property
+    def _fixed_shapes(self) -> bool:
+        """Core ML packages and ExecuTorch programs are fixed-shape (batch 1 at the bundle
+        resolution; the transformer a CFG pair), and so is a --static bundle."""
+        return not self.manifest.get("dynamic", True) or self.backend in ("coreml", "executorch")
+
+    @property
+    def active_providers(self) -> dict[str, list[str]]:
+        """Per loaded graph, the execution providers really running it."""
+        return {g: getattr(r, "active_providers", [getattr(r, "provider", "?")]) for (g, _), r in self._runners.items()}
+
     def _branch_ok(self, graph: str, height_px: int, width_px: int) -> bool:
         g = self.manifest["graphs"][graph]
         return all(((height_px // s["scale"]) * (width_px // s["scale"]) > g["head_dim"]) == s["linear"]
@@ -166,7 +214,7 @@ class Pipeline:
         h, w = x.shape[2] * unit, x.shape[3] * unit
         if h % f or w % f:
             raise BundleError(f"image size {w}x{h} is not a multiple of the compression factor {f}; crop or pad it")
-        static = not self.manifest.get("dynamic", True) or self.backend == "coreml"
+        static = self._fixed_shapes
         direct = (not tile) and ((h, w) == (res, res) if static else self._branch_ok(graph, h, w))
         if direct:
             runner = self._runner(graph, h if self.backend == "coreml" else None)
@@ -239,7 +287,7 @@ class Pipeline:
                 raise BundleError("this denoiser is unconditional: pass no class_labels (use n=...)")
             labels = None
         runner = self._runner("transformer")
-        static_batch = 2 if not self.manifest.get("dynamic", True) or self.backend == "coreml" else None
+        static_batch = 2 if self._fixed_shapes else None
         try:
             z = schedules.generate_numpy(self.recipe, lambda feed: runner.run(feed)[0], labels, n, steps, cfg_scale, seed,
                                          latents, sampler, static_batch=static_batch)
@@ -250,10 +298,13 @@ class Pipeline:
 
 
 def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
-                threads: int | None = None, verify: bool = True, weights: str | None = None) -> Pipeline:
+                threads: int | None = None, verify: bool = True, weights: str | None = None, format: str = "onnx",
+                providers: list[str] | None = None) -> Pipeline:
     """Open an exported bundle (manifest and checksums are checked when a graph is first loaded).
+    ``format``: "onnx", or "ort" / "ort-runtime" (ORT-format files, backend onnxruntime);
+    ``providers``: onnxruntime execution providers to ask for (e.g. ["xnnpack"]);
     ``weights``: for backend="torch", the checkpoint or released folder the bundle came from."""
-    return Pipeline(bundle, backend, precision, device, threads, verify, weights=weights)
+    return Pipeline(bundle, backend, precision, device, threads, verify, weights=weights, format=format, providers=providers)
 
 
 __all__ = ["Pipeline", "open_bundle", "read_manifest", "BundleError", "RuntimeUnavailable"]

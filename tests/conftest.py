@@ -110,3 +110,11 @@ def tiny_f64_file(tmp_path):
     path = tmp_path / "tiny-f64.safetensors"
     save_autoencoder(make_model(tiny_edge_f64()), path)
     return path
+
+
+def write_release(folder: Path, name: str, ae: torch.nn.Module, denoiser: torch.nn.Module) -> Path:
+    """A generator folder exactly as the model hub stores the released ones (see
+    dcae_edge.official.write_release_folder)."""
+    from dcae_edge.official import write_release_folder
+
+    return write_release_folder(folder, name, ae, denoiser)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import make_model, tiny_in_mix, tiny_sana
 from dcae_edge import CheckpointError, build_autoencoder, load_autoencoder, save_autoencoder, save_diffusers
 from dcae_edge.autoencoder import DCAE, DownBlock, UpBlock, channel_to_space_duplicate, count_parameters, space_to_channel_average
-from dcae_edge.checkpoints import diffusers_to_ours, efficientvit_to_ours, ours_to_diffusers
+from dcae_edge.checkpoints import diffusers_to_ours, efficientvit_to_ours, ours_to_diffusers, ours_to_efficientvit
 from dcae_edge.presets import EDGE, PUBLISHED, get_config
 
 OFFICIAL_PARAMS = {  # efficientvit / diffusers checkpoints, to the unit
@@ -164,47 +164,6 @@ def test_diffusers_folder_loads_and_matches(tmp_path, photos128):
         assert torch.allclose(back.encode(photos128).latent, model.encode(photos128), atol=1e-5)
 
 
-def _to_efficientvit_keys(state: dict, cfg) -> dict:
-    """Independent re-statement of the efficientvit key layout (efficientvit dc_ae.py / ops.py)."""
-    out = {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if k.startswith("encoder.conv_in."):
-            new = "encoder.project_in.conv." + ".".join(parts[2:])
-            new = new.replace("project_in.conv.conv.", "project_in.conv.conv.")
-        elif k.startswith("decoder.conv_out."):
-            new = "decoder.project_out.op_list.2.conv." + ".".join(parts[2:])
-        elif k.startswith("decoder.norm_out."):
-            new = "decoder.project_out.op_list.0." + parts[-1]
-        elif k.startswith("encoder.conv_out."):
-            new = "encoder.project_out.main.op_list.0.conv." + parts[-1]
-        elif k.startswith("decoder.conv_in."):
-            new = "decoder.project_in.main.conv." + parts[-1]
-        else:
-            side, _, stage, op = parts[:4]
-            rest = ".".join(parts[4:])
-            rest = (rest.replace("attn.to_qkv_multiscale.0.proj_in.", "context_module.main.aggreg.0.0.")
-                    .replace("attn.to_qkv_multiscale.0.proj_out.", "context_module.main.aggreg.0.1.")
-                    .replace("attn.to_qkv.", "context_module.main.qkv.conv.")
-                    .replace("attn.to_out.", "context_module.main.proj.conv.")
-                    .replace("attn.norm_out.", "context_module.main.proj.norm.")
-                    .replace("conv_out.conv_inverted.", "local_module.main.inverted_conv.conv.")
-                    .replace("conv_out.conv_depth.", "local_module.main.depth_conv.conv.")
-                    .replace("conv_out.conv_point.", "local_module.main.point_conv.conv.")
-                    .replace("conv_out.norm.", "local_module.main.point_conv.norm."))
-            if rest.startswith(("conv1.", "conv2.")):
-                rest = rest[:6] + "conv." + rest[6:]
-            elif rest.startswith("norm."):
-                rest = "conv2.norm." + rest[5:]
-            elif rest.startswith("conv."):  # down/up block: ConvPixel(Un)Shuffle wraps a ConvLayer
-                rest = "conv.conv." + rest[5:] if cfg.downsample_block_type == "pixel_unshuffle" else rest
-            if not rest.startswith(("context_module", "local_module")):
-                rest = "main." + rest
-            new = f"{side}.stages.{stage}.op_list.{op}.{rest}"
-        out[new] = v
-    return out
-
-
 def test_efficientvit_folder_loads(tmp_path, photos128):
     from safetensors.torch import save_file
 
@@ -214,7 +173,7 @@ def test_efficientvit_folder_loads(tmp_path, photos128):
     folder = tmp_path / "dc-ae-tiny"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_name": "tiny"}))
-    save_file(_to_efficientvit_keys(model.state_dict(), small), folder / "model.safetensors")
+    save_file(ours_to_efficientvit(model.state_dict(), small), folder / "model.safetensors")
     # model_name selects the architecture: an unknown name is a clear error ...
     with pytest.raises(CheckpointError, match="not a published DC-AE"):
         load_autoencoder(folder)

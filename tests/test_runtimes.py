@@ -179,7 +179,7 @@ def test_bad_images_and_latents_name_the_fix(bundle):
         pipe.encode(np.zeros((128, 128, 3), np.uint8))  # 2x2 latent would switch an attention branch
     with pytest.raises(BundleError, match=r"latents must be N x 128 x h x w"):
         pipe.decode(np.zeros((1, 32, 4, 4), np.float32))
-    with pytest.raises(BundleError, match=r"class ids must lie in \[0, 2\]"):
+    with pytest.raises(BundleError, match=r"class id 5 is out of range: this model has classes 0..2"):
         pipe.generate([5], steps=2)
     with pytest.raises(BundleError, match="class-conditional"):
         pipe.generate(None, steps=2)

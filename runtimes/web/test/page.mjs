@@ -1,0 +1,39 @@
+// Browser tier: reconstruct a PNG and generate through the page (buttons and window.dcae), read
+// the pixels back, try an undecodable file, take a screenshot. Prints one JSON line.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { openPage } from "./browser.mjs";
+
+const [url, out] = process.argv.slice(2);
+const { browser, page, logs } = await openPage(url);
+try {
+  const env = await page.evaluate(() => ({ isolated: crossOriginIsolated, threads: window.dcae.state.ort.env.wasm.numThreads }));
+  const png = readFileSync(join(out, "photo.png")).toString("base64");
+  const reconstruct = await page.evaluate(async (b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const r = await window.dcae.reconstruct(new Blob([bytes], { type: "image/png" }));
+    return { pixels: r.pixels, latentShape: r.latentShape, psnr: r.psnr };
+  }, png);
+  // generate with the page's own controls, as a user would
+  await page.fill("#classes", "0, 2");
+  await page.fill("#seed", "3");
+  await page.click("#generate");
+  await page.waitForFunction(() => document.querySelectorAll("#gallery canvas").length === 2 && !window.dcae.state.busy,
+    null, { timeout: 300000 });
+  const generate = await page.evaluate(() => ({
+    images: Array.from(document.querySelectorAll("#gallery canvas"),
+      (c) => Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)),
+    stats: document.querySelector("#generate-stats").textContent }));
+  // an image the browser cannot decode: a visible message, and the page keeps working
+  const bad = await page.evaluate(async () => {
+    try { await window.dcae.reconstruct(new Blob([new Uint8Array([1, 2, 3, 4])], { type: "image/png" })); return null; }
+    catch (e) { return e.message; }
+  });
+  const again = await page.evaluate(async () => (await window.dcae.reconstruct("samples/coffee.jpg")).psnr);
+  await page.screenshot({ path: join(out, "screenshot.png"), fullPage: true });
+  const messages = await page.evaluate(() => window.dcae.messages());
+  console.log(JSON.stringify({ ...env, reconstruct, generate, messages, logs,
+    bad_image_message: bad && messages.some((m) => m.includes("not an image")), page_still_works: Number.isFinite(again) }));
+} finally {
+  await browser.close();
+}

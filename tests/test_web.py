@@ -1,0 +1,187 @@
+"""The browser app, two tiers: onnxruntime-web + the JavaScript samplers in Node against Python
+(noise, every solver, the bundle's graphs, a whole generation), then the page in a real headless
+Chromium (Debian's, driven by playwright-core) against the Python pipeline, pixel for pixel."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_model, tiny_denoiser, tiny_edge_f64
+
+from dcae_edge import schedules as S
+from dcae_edge.official import DIT_ADM, USIT_ODE, UVIT_DPM
+
+WEB = ROOT / "runtimes" / "web"
+NODE = shutil.which("node")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js is not installed")
+
+
+def npm_ci() -> None:
+    if not (WEB / "node_modules" / "onnxruntime-web").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB, check=True, capture_output=True)
+
+
+def toy_model(x, t, variance: bool = False):
+    """The stand-in denoiser the Node test implements too (runtimes/web/test/parity.test.mjs)."""
+    eps = 0.4 * x * math.cos(t / 350) + 0.2 * math.sin(t / 90) + 0.1 * np.tanh(x)
+    return np.concatenate([eps, 0.8 * np.tanh(x * math.sin(t / 200))], 1) if variance else eps
+
+
+@pytest.fixture(scope="module")
+def web_bundle(tmp_path_factory):
+    """A tiny f64 bundle at 128 px: encoder, decoder, a class-conditional transformer; fp32 + fp16."""
+    from dcae_edge.checkpoints import latent_fingerprint, save_autoencoder
+    from dcae_edge.denoiser import save_denoiser
+    from export.onnx import main
+
+    d = tmp_path_factory.mktemp("web")
+    ae = make_model(tiny_edge_f64(), seed=4)
+    save_autoencoder(ae, d / "ae.safetensors")
+    dn = tiny_denoiser(input_size=2, num_classes=3)
+    save_denoiser(dn, d / "dn.safetensors", extra={"latent_fingerprint": latent_fingerprint(ae), "class_names": ["a", "b", "c"],
+                                                   "recipe": {"steps": 6, "cfg_scale": 2.0}})
+    main(["--weights", str(d / "ae.safetensors"), "--denoiser", str(d / "dn.safetensors"), "--out", str(d / "bundle"),
+          "--resolution", "128", "--fp16"])
+    return d / "bundle"
+
+
+def write_fixtures(folder: Path, bundle: Path) -> None:
+    from runtimes import open_bundle
+
+    fx = {"bundle": str(bundle), "noise": [], "sampler_cases": [], "graphs": []}
+    for seed, count, stream, offset in ((0, 9, 0, 0), (123456789, 16, 0, 3), (7, 10, 1, 4), (2**32 + 5, 5, 0, 0)):
+        fx["noise"].append({"seed": seed % 2**32, "count": count, "stream": stream, "offset": offset,
+                            "values": S.portable_normals(seed, count, stream, offset).tolist()})
+    dims = {"n": 2, "c": 3, "h": 2, "w": 2}
+    cases = [("ours flow euler", S.recipe_ours("flow"), 8), ("ours flow heun", S.with_solver(S.recipe_ours("flow"), "heun"), 5),
+             ("ours eps dpm++2m", S.recipe_ours("eps"), 12), ("U-ViT DPM-Solver++ 3S", UVIT_DPM, 9),
+             ("USiT dopri5", USIT_ODE, None), ("DiT ADM ancestral", DIT_ADM, 25), ("DiT DDIM", S.with_solver(DIT_ADM, "ddim"), 25),
+             ("3M heun multistep", {**S.recipe_ours("eps"), "solver": {"name": "dpm_solver++", "method": "multistep", "order": 3,
+                                                                      "skip_type": "time_uniform", "t_end": 1e-3, "solver_type": "heun"}}, 20)]
+    for name, recipe, steps in cases:
+        variance = recipe["solver"]["name"] == "adm"
+        noise = S.initial_noise((2, 3, 2, 2), 11)
+        out = S.run(recipe, lambda x, t, v=variance: toy_model(x, t, v), noise.astype(np.float32), steps, channels=3,
+                    noise_fn=S.step_noise(11))
+        fx["sampler_cases"].append({"name": name, "recipe": recipe, "steps": steps, "dims": dims, "seed": 11, "variance": variance,
+                                    "noise": noise.tolist(), "expected": np.asarray(out, np.float64).ravel().tolist()})
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for precision in ("fp32", "fp16"):
+        pipe = open_bundle(bundle, "onnxruntime", precision)
+        for graph in ("vae_encoder", "vae_decoder", "transformer"):
+            spec_inputs = manifest["graphs"][graph]["inputs"]
+            if graph == "vae_encoder":
+                feeds = {"sample": _photo(128)}
+            elif graph == "vae_decoder":
+                feeds = {"latent_sample": open_bundle(bundle).encode(_photo(128))}
+            else:
+                feeds = {"hidden_states": S.initial_noise((2, 128, 2, 2), 3), "timestep": np.array([999.0, 120.0], np.float32),
+                         "class_labels": np.array([1, 3], np.int64)}
+            expected = pipe._runner(graph).run(feeds)[0]
+            fx["graphs"].append({"graph": graph, "precision": precision, "expected": expected.ravel().tolist(),
+                                 "feeds": {t["name"]: {"data": feeds[t["name"]].ravel().tolist(), "shape": list(feeds[t["name"]].shape),
+                                                       "dtype": t["dtype"]} for t in spec_inputs}})
+    _, z = open_bundle(bundle).generate([0, 2], seed=5, return_latents=True)
+    rec = S.recipe_of_manifest(manifest)
+    fx["generation"] = {"labels": [0, 2], "steps": rec["steps"], "cfg_scale": rec["cfg_scale"], "seed": 5, "latents": z.ravel().tolist()}
+    (folder / "fixtures.json").write_text(json.dumps(fx))
+
+
+def _photo(size: int) -> np.ndarray:
+    from dcae_edge.data import sample_photos
+
+    return sample_photos(size, 1).numpy()
+
+
+def test_node_tier_matches_python(web_bundle, tmp_path):
+    npm_ci()
+    write_fixtures(tmp_path, web_bundle)
+    res = subprocess.run([NODE, "--test", str(WEB / "test" / "parity.test.mjs")], cwd=WEB, capture_output=True, text=True,
+                         env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
+    print(res.stdout[-4000:], res.stderr[-2000:])
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "# pass 4" in res.stdout and "# fail 0" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------- browser tier
+def browser(script: str, url: str, out: Path, timeout: int = 600) -> dict:
+    """Run a playwright-core script against the page in Debian's Chromium; it prints one JSON line."""
+    res = subprocess.run([NODE, str(WEB / "test" / script), url, str(out)], cwd=WEB, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, "CHROMIUM": CHROMIUM or ""})
+    print(res.stdout[-3000:], res.stderr[-3000:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
+    from PIL import Image
+
+    from runtimes import open_bundle
+    from runtimes.web.__main__ import serve_in_thread
+
+    npm_ci()
+    photo = (np.clip(np.round((_photo(128)[0] + 1) * 127.5), 0, 255).astype(np.uint8)).transpose(1, 2, 0)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    server, url = serve_in_thread(web_bundle)
+    try:
+        r = browser("page.mjs", url, tmp_path)
+    finally:
+        server.shutdown()
+    assert r["isolated"] is True and r["threads"] >= 2, r
+    assert not [m for m in r["messages"] if "error" in m.lower()], r["messages"]
+    pipe = open_bundle(web_bundle)
+    # reconstruct: the same 128² PNG through the page and through Python onnxruntime
+    ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)
+    page = np.asarray(r["reconstruct"]["pixels"], np.uint8).reshape(128, 128, 4)[..., :3]
+    assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    assert r["reconstruct"]["latentShape"] == [128, 2, 2]
+    # generate: same seed -> same portable noise -> same image
+    images = pipe.generate([0, 2], seed=3)
+    for i in range(2):
+        ref = np.clip(np.round((images[i] + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        page = np.asarray(r["generate"]["images"][i], np.uint8).reshape(128, 128, 4)[..., :3]
+        assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    assert (tmp_path / "screenshot.png").stat().st_size > 10_000
+    assert r["bad_image_message"] and r["page_still_works"]
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_page_shows_bundle_problems_and_keeps_working(web_bundle, tmp_path):
+    """A bundle without a transformer (generate disabled, with the reason) and a corrupt file
+    (checksum mismatch, shown on the page)."""
+    from runtimes.web.__main__ import serve_in_thread
+
+    npm_ci()
+    partial = tmp_path / "partial"
+    shutil.copytree(web_bundle, partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    del m["graphs"]["transformer"]
+    m["denoiser"] = None
+    m.pop("sampler", None)
+    enc = m["graphs"]["vae_encoder"]["artifacts"]["onnx/fp32"]["files"][0]
+    (partial / "manifest.json").write_text(json.dumps(m))
+    data = bytearray((partial / enc).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (partial / enc).unlink()
+    (partial / enc).write_bytes(bytes(data))
+    server, url = serve_in_thread(partial)
+    try:
+        r = browser("problems.mjs", url, tmp_path)
+    finally:
+        server.shutdown()
+    assert r["generate_disabled"] and "no denoiser" in r["generate_reason"]
+    assert any("checksum" in msg for msg in r["messages"]), r["messages"]
