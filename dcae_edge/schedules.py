@@ -62,15 +62,15 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
 def portable_normals(seed: int, count: int, stream: int = 0, offset: int = 0) -> np.ndarray:
     """``count`` standard normals (float32) from position ``offset`` of (seed, stream)."""
     key = _lowbias32(np.array([(seed & 0xFFFFFFFF) ^ ((0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF)], np.uint64))[0]
-    pairs = (count + 1) // 2
-    first = offset // 2  # offsets are consumed in whole pairs
+    first, skip = offset // 2, offset % 2  # the counter advances in whole pairs
+    pairs = (skip + count + 1) // 2
     k = (np.arange(first, first + pairs, dtype=np.uint64) * 4) & 0xFFFFFFFF
     words = [_lowbias32(_lowbias32((k + j) & 0xFFFFFFFF ^ key)).astype(np.float64) for j in range(4)]
     u1 = (np.floor(words[0] / 32) * 67108864 + np.floor(words[1] / 64) + 0.5) / 9007199254740992.0
     u2 = (np.floor(words[2] / 32) * 67108864 + np.floor(words[3] / 64) + 0.5) / 9007199254740992.0
     r, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
     out = np.stack([r * np.cos(theta), r * np.sin(theta)], 1).reshape(-1)
-    return out[offset % 2: offset % 2 + count].astype(np.float32)
+    return out[skip: skip + count].astype(np.float32)
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -99,6 +99,10 @@ class ExecuTorchGraph:
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str]):
         rt = _require("executorch.runtime", "executorch", "'dcae-edge[mobile]'")
+        try:  # kernels for quantize/dequantize nodes an int8 program keeps outside the XNNPACK delegate
+            import executorch.kernels.quantized  # noqa: F401
+        except ImportError:
+            pass
         try:
             self.program = rt.Runtime.get().load_program(str(path))
             self.method = self.program.load_method("forward")

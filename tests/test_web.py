@@ -72,7 +72,7 @@ def write_fixtures(folder: Path, bundle: Path) -> None:
         out = S.run(recipe, lambda x, t, v=variance: toy_model(x, t, v), noise.astype(np.float32), steps, channels=3,
                     noise_fn=S.step_noise(11))
         fx["sampler_cases"].append({"name": name, "recipe": recipe, "steps": steps, "dims": dims, "seed": 11, "variance": variance,
-                                    "noise": noise.tolist(), "expected": np.asarray(out, np.float64).ravel().tolist()})
+                                    "noise": noise.ravel().tolist(), "expected": np.asarray(out, np.float64).ravel().tolist()})
     manifest = json.loads((bundle / "manifest.json").read_text())
     for precision in ("fp32", "fp16"):
         pipe = open_bundle(bundle, "onnxruntime", precision)
