@@ -133,7 +133,11 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
 
 def end_to_end(backend, results: dict[str, Outcome], held: dict[str, FeedSet], gates: Gates, fp32: Fp32, manifest):
     """Encoder + decoder, each INT8 where calibrated in this run, else fp32; None without both graphs."""
-    if not ({"vae_encoder", "vae_decoder"} & set(results)) or not all(backend.source_key(g) for g in ("vae_encoder", "vae_decoder")):
+    if not ({"vae_encoder", "vae_decoder"} & set(results)):
+        return None, None
+    missing = [g for g in ("vae_encoder", "vae_decoder") if not backend.source_key(g)]
+    if missing:
+        print(f"\n  end-to-end gate skipped: the bundle has no fp32 {' / '.join(missing)} to reconstruct photos with", flush=True)
         return None, None
     photo_set = held.get("vae_encoder") or held["vae_decoder"]
     photos = FeedSet("vae_encoder", "evaluation", batched("sample", photo_set.photos, graph_sizes(manifest, "vae_encoder")["batch"]),

@@ -130,6 +130,14 @@ def load_photos(folder: Path | None, size: int, n: int, seed: int, held_out: boo
     if held_out and folder is None and not root.is_dir():
         print(f"  held-out photos: {root} not found, using the {n} photos packaged with dcae_edge")
         return sample_photos(size, n).numpy(), "dcae_edge sample photos"
+    if folder is None and not root.is_dir():  # out of the box: crops of the packaged photos, said loudly
+        import warnings
+
+        root = Path(__file__).resolve().parents[1] / "dcae_edge" / "assets"
+        warnings.warn(f"no calibration photos at {DEFAULT_DATA}: calibrating on crops of the 4 photos packaged with "
+                      "dcae_edge, a small set; build data/photos (python -m dcae_edge.photos) or pass --data for better "
+                      "INT8", stacklevel=2)
+        print(f"  calibration photos: {DEFAULT_DATA} not found, using crops of the 4 packaged photos (a small set)")
     if not root.is_dir():
         raise CalibrationError(f"photo folder {root} does not exist; {PHOTOS_HINT}")
     try:
@@ -243,7 +251,13 @@ def file_sets(path: Path | None, manifest: dict) -> dict[str, FeedSet]:
         if graph not in manifest["graphs"]:
             raise CalibrationError(f"--data {path}: arrays for {graph!r}, which this bundle does not have")
         count = min(len(a) for a in arrays.values()) if arrays else 0
-        sets[graph] = FeedSet(graph, "calibration", [{n: np.asarray(a[i]) for n, a in arrays.items()} for i in range(count)],
+        ranks = {t["name"]: len(t["shape"]) for t in manifest["graphs"][graph]["inputs"]}
+
+        def feed(name, a, i):  # N x input shape, or N x (input shape without its batch axis): one row per feed
+            x = np.asarray(a[i])
+            return x[None] if x.ndim == ranks.get(name, x.ndim) - 1 else x
+
+        sets[graph] = FeedSet(graph, "calibration", [{n: feed(n, a, i) for n, a in arrays.items()} for i in range(count)],
                               str(path))
     return sets
 
@@ -290,6 +304,19 @@ def build_sets(manifest: dict, graphs: list[str], opts: SetOptions, runner_for: 
             return np.concatenate([f["sample"] for f in user["vae_encoder"].feeds]), user["vae_encoder"].source
         return load_photos(folder[kind], res, count[kind], opts.seed, held_out=kind == "evaluation")
 
+    has_encoder = "vae_encoder" in manifest["graphs"]
+    if "vae_decoder" in graphs and not has_encoder and "vae_decoder" not in user:
+        raise CalibrationError("this bundle has no vae_encoder to turn photos into decoder inputs: pass the decoder's "
+                               "inputs as --data latents.npz (an array 'vae_decoder.latent_sample', N x "
+                               f"{manifest['graphs']['vae_decoder']['inputs'][0]['shape'][1]} x h x w; a quarter is held out "
+                               "for the gate), or export the encoder too")
+    if "vae_decoder" in graphs and not has_encoder:  # given latents: every 4th feed is held out for the gate
+        given = user["vae_decoder"]
+        held_feeds = given.feeds[3::4] or given.feeds[-1:]
+        user["vae_decoder"] = FeedSet("vae_decoder", "calibration", [f for i, f in enumerate(given.feeds) if i % 4 != 3] or
+                                      given.feeds, given.source)
+        user["vae_decoder:held"] = FeedSet("vae_decoder", "evaluation", held_feeds, f"{given.source} (held-out quarter)")
+
     def key(graph: str, kind: str) -> dict:
         k = {"graph": graph, "kind": kind, "resolution": res, "n": count[kind], "seed": opts.seed, "version": 1}
         if graph == "transformer":
@@ -298,7 +325,7 @@ def build_sets(manifest: dict, graphs: list[str], opts: SetOptions, runner_for: 
             root = folder[kind] or (DEFAULT_EVAL if kind == "evaluation" else DEFAULT_DATA)
             k.update(data=str(Path(root).resolve()), data_id=folder_fingerprint(root) if Path(root).is_dir() else "packaged",
                      user=str(opts.data) if "vae_encoder" in user else None)
-            if graph == "vae_decoder":
+            if graph == "vae_decoder" and has_encoder:
                 k["encoder"] = model_id("vae_encoder")
         return k
 
@@ -318,6 +345,8 @@ def build_sets(manifest: dict, graphs: list[str], opts: SetOptions, runner_for: 
         for kind, sets in zip(("calibration", "evaluation"), out):
             if kind == "calibration" and graph in user:
                 sets[graph] = user[graph]
+            elif kind == "evaluation" and f"{graph}:held" in user:
+                sets[graph] = user[f"{graph}:held"]
             else:
                 sets[graph] = cached(opts.cache_dir, key(graph, kind), lambda g=graph, k=kind: build(g, k))
             check_feeds(sets[graph], manifest)

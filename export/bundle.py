@@ -95,32 +95,70 @@ def _copy_tree_linked(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
+def bundle_lock(out: Path):
+    """One writer per bundle: an flock on ``.NAME.lock`` next to it. A second export into the
+    same folder waits for the first (and says so); it never interleaves with it."""
+    import fcntl
+
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if os.environ.get("DCAE_EDGE_NO_WAIT"):
+                raise BundleError(f"another process is writing {out} right now; wait for it or choose another --out") from None
+            print(f"  another process is writing {out}: waiting for it to finish ...", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging copies left by a killed writer (only the lock holder creates them, so any found
+    while holding the lock are orphans): removed, with a line saying how much space came back."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file() and f.stat().st_nlink == 1)
+        shutil.rmtree(stale, ignore_errors=True)
+        print(f"  removed {stale.name}, left by an interrupted run ({size / 1e6:.1f} MB freed)", flush=True)
+
+
+@contextlib.contextmanager
 def bundle_transaction(out: Path):
     """Yield a staging folder holding a copy of the current bundle; commit it on success.
 
     Commit = rename old -> backup, staging -> out, delete backup. A leftover backup from an
-    interrupted commit is restored first.
+    interrupted commit is restored first; staging folders of killed runs are removed. The whole
+    transaction holds the bundle's lock.
     """
     out = Path(out).absolute()
-    backup = out.with_name(f".{out.name}.previous")
-    if backup.exists() and not out.exists():
-        os.replace(backup, out)  # a commit was interrupted between its two renames
-    elif backup.exists():
-        shutil.rmtree(backup)
     check_output_folder(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        if out.is_dir():
-            _copy_tree_linked(out, stage)
-        yield stage
-        if out.exists():
-            os.replace(out, backup)
-        os.replace(stage, out)
-        if backup.exists():
+    with bundle_lock(out):
+        backup = out.with_name(f".{out.name}.previous")
+        if backup.exists() and not out.exists():
+            os.replace(backup, out)  # a commit was interrupted between its two renames
+        elif backup.exists():
             shutil.rmtree(backup)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        remove_stale_staging(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        try:
+            if out.is_dir():
+                _copy_tree_linked(out, stage)
+            yield stage
+            if out.exists():
+                os.replace(out, backup)
+            os.replace(stage, out)
+            if backup.exists():
+                shutil.rmtree(backup)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
 
 
 def fresh(path: Path) -> Path:

@@ -346,6 +346,10 @@ def run_cli(main_fn, argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the previous bundle (if any) is untouched.", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a vanished folder: the transaction left nothing behind
+        print(f"\nerror: could not write ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}).\n"
+              "nothing was written; the previous bundle (if any) is untouched.", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         extra = missing_extra(e.name or "")
         if extra is None:

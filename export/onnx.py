@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +65,8 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     external = params > TWO_GB * 0.9
     t = time.perf_counter()
     log = io.StringIO()
+    # torch's exporter registry warns once per torchvision op when torchvision is absent (always, here)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     fresh(path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(log):
         warnings.simplefilter("ignore")

@@ -165,9 +165,9 @@ def parse(argv=None):
 
 
 def main(argv=None):
+    args = parse(argv)  # before the import: --help works without openvino
     import openvino as ov
 
-    args = parse(argv)
 
     dynamic = not args.static
     key = "openvino/fp16w" if args.fp16_weights else "openvino/fp32"

@@ -3,6 +3,8 @@ for (never torch, except the torch reference backend)."""
 from __future__ import annotations
 
 import platform
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,10 @@ class OpenVinoGraph:
             config["INFERENCE_NUM_THREADS"] = threads
         model = core.read_model(str(path))
         self.compiled = core.compile_model(model, device.upper(), config)
-        self.request = self.compiled.create_infer_request()
+        # one infer request runs one call at a time ("Infer Request is busy"): a pool, grown on demand,
+        # lets threads sharing this pipeline run in parallel
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle.put(self.compiled.create_infer_request())
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
         self.input_shapes = {p.get_any_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
@@ -88,8 +93,15 @@ class OpenVinoGraph:
         self.provider = f"openvino:{device.upper()}:{hint}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.request.infer({k: feeds[k] for k in self.input_names})
-        return [self.request.get_tensor(n).data.copy() for n in self.output_names]
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            request.infer({k: feeds[k] for k in self.input_names})
+            return [request.get_tensor(n).data.copy() for n in self.output_names]
+        finally:
+            self._idle.put(request)
 
 
 class ExecuTorchGraph:
@@ -111,6 +123,7 @@ class ExecuTorchGraph:
                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else 'invalid .pte'}); "
                                      "re-export it with python -m export.mobile") from None
         self.input_names, self.output_names = input_names, output_names
+        self._lock = threading.Lock()
         self.input_shapes = {}
         self.active_providers = ["XnnpackBackend"]
         self.provider = "executorch:xnnpack"
@@ -118,7 +131,8 @@ class ExecuTorchGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in self.input_names])
+        with self._lock:  # one loaded method runs one call at a time
+            outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in self.input_names])
         return [o.numpy() if hasattr(o, "numpy") else np.asarray(o) for o in outs]
 
 
@@ -135,10 +149,12 @@ class CoreMLGraph:
         self.output_names = [o.name for o in spec.description.output]
         self.input_shapes = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
         self.provider = f"coreml:{compute_units}"
+        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ins = {k: (feeds[k].astype(np.int32) if feeds[k].dtype == np.int64 else feeds[k]) for k in self.input_names}
-        out = self.model.predict(ins)
+        with self._lock:
+            out = self.model.predict(ins)
         return [np.asarray(out[n], dtype=np.float32) for n in self.output_names]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from dcae_edge import schedules
 from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
                        TorchGraph)
 from .images import as_model_input
+from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
 
 SUPPORTED_MANIFEST_VERSION = 1
@@ -43,6 +45,10 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         raise BundleError(f"{mpath} is corrupt ({e}); export the bundle again") from None
     if m.get("format") != "dcae-edge-bundle":
         raise BundleError(f"{mpath} is not a dcae-edge bundle manifest")
+    try:
+        check_manifest_paths(path, m)
+    except UnsafeBundle as e:
+        raise BundleError(str(e)) from None
     if m.get("manifest_version", 0) > SUPPORTED_MANIFEST_VERSION:
         raise BundleError(f"{path} was written by a newer dcae-edge (manifest v{m['manifest_version']}, this runtime "
                           f"reads v{SUPPORTED_MANIFEST_VERSION}); upgrade: pip install -U dcae-edge")
@@ -98,6 +104,7 @@ class Pipeline:
         self.weights = weights  # torch backend only: where the exported weights are
         self.tile_overlap = tile_overlap
         self._runners: dict = {}
+        self._runners_lock = threading.Lock()  # threads sharing a pipeline load each graph once
         ae = self.manifest["autoencoder"]
         self.scaling_factor = float(ae["scaling_factor"])
         self.spatial_compression = int(ae["spatial_compression"])
@@ -110,10 +117,13 @@ class Pipeline:
     def available(self) -> dict[str, list[str]]:
         return {g: sorted(info["artifacts"]) for g, info in self.manifest["graphs"].items()}
 
-    def _artifact(self, graph: str, resolution: int | None = None) -> tuple[str, dict]:
+    def _require_graph(self, graph: str) -> None:
         if graph not in self.manifest["graphs"]:
             hint = " (export it with a denoiser: python -m export.onnx --denoiser ...)" if graph == "transformer" else ""
             raise BundleError(f"{self.path} has no {graph} graph{hint}; it holds {', '.join(self.manifest['graphs'])}")
+
+    def _artifact(self, graph: str, resolution: int | None = None) -> tuple[str, dict]:
+        self._require_graph(graph)
         arts = self.manifest["graphs"][graph]["artifacts"]
         if self.backend == "torch":
             return "torch", {}
@@ -159,6 +169,10 @@ class Pipeline:
     def _runner(self, graph: str, resolution: int | None = None):
         key, info = self._artifact(graph, resolution)
         cache_key = (graph, key)
+        with self._runners_lock:
+            return self._runners.get(cache_key) or self._load_runner(graph, key, info, cache_key)
+
+    def _load_runner(self, graph: str, key: str, info: dict, cache_key: tuple):
         if cache_key not in self._runners:
             if self.backend == "torch":
                 runner = TorchGraph(graph, self.manifest, self.device, self.weights)
@@ -168,6 +182,11 @@ class Pipeline:
                     verify_files(self.path, self.manifest,
                                  [f for f in self.manifest["files"] if any(f == x or f.startswith(x + "/") for x in files)])
                 main = self.path / files[0]
+                if main.suffix == ".onnx":
+                    try:
+                        check_onnx_external_data(self.path, files[0], self.manifest)
+                    except UnsafeBundle as e:
+                        raise BundleError(str(e)) from None
                 if self.backend == "onnxruntime":
                     runner = OrtGraph(main, self.device, self.threads, self.providers)
                 elif self.backend == "executorch":
@@ -203,12 +222,18 @@ class Pipeline:
     def _run_batched(self, runner, feeds: dict[str, np.ndarray], static_batch: int | None) -> np.ndarray:
         n = next(iter(feeds.values())).shape[0]
         if not static_batch or static_batch == n:
-            return runner.run(feeds)[0]
-        outs = [runner.run({k: v[i:i + static_batch] for k, v in feeds.items()})[0] for i in range(0, n, static_batch)]
-        return np.concatenate(outs)
+            out = runner.run(feeds)[0]
+        else:
+            out = np.concatenate([runner.run({k: v[i:i + static_batch] for k, v in feeds.items()})[0]
+                                  for i in range(0, n, static_batch)])
+        if not np.isfinite(out).all():  # never hand an app silent NaN
+            raise BundleError(f"{getattr(runner, 'provider', self.backend)} returned {int((~np.isfinite(out)).sum())} NaN/Inf "
+                              f"values ({self.backend} {self.precision}); try fp32, or re-export the bundle")
+        return out
 
     def _spatial(self, graph: str, x: np.ndarray, in_name: str, scale: float, tile: int | None) -> np.ndarray:
         """Run an autoencoder graph on NCHW ``x`` directly, or tiled when the graph cannot take its size."""
+        self._require_graph(graph)
         f, res = self.spatial_compression, self.resolution
         unit = 1 if graph == "vae_encoder" else f  # pixels per input cell
         h, w = x.shape[2] * unit, x.shape[3] * unit
@@ -243,6 +268,10 @@ class Pipeline:
         z = np.asarray(latents)
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise BundleError(f"latents must be N x {self.latent_channels} x h x w, got {tuple(z.shape)}")
+        if z.dtype.kind != "f":
+            raise BundleError(f"latents must be floating point (unscaled encoder outputs), got dtype {z.dtype}")
+        if not np.isfinite(z).all():
+            raise BundleError(f"latents contain {int((~np.isfinite(z)).sum())} NaN/Inf values")
         if z.dtype != np.float32:
             z = z.astype(np.float32)
         return self._spatial("vae_decoder", z, "latent_sample", self.spatial_compression, tile)

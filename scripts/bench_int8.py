@@ -80,7 +80,7 @@ def example_inputs(manifest: dict, bundle: Path) -> dict[str, dict]:
             "hidden_states": rng.standard_normal((b, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32),
             "timestep": np.full(b, 500.0, np.float32),
             "class_labels": np.array([i % max(k, 1) for i in range(b // 2)] + [k] * (b - b // 2), np.int64)}
-    return feeds
+    return {g: f for g, f in feeds.items() if g in graphs}  # a partial bundle: only the graphs it has
 
 
 def time_runs(make, feeds: dict, warmup: int, repeats: int) -> dict:
@@ -220,6 +220,9 @@ def main(argv=None):
         raise SystemExit(f"error: {args.bundle} is not a dcae-edge bundle")
     cpus = pin_threads(THREADS)
     feeds = example_inputs(manifest, args.bundle)
+    missing = [g for g in (args.graphs or []) if g not in feeds]
+    if missing:
+        raise SystemExit(f"error: {args.bundle} has no {', '.join(missing)} graph (it holds {', '.join(manifest['graphs'])})")
     rows = []
     for graph in args.graphs or [g for g in ("vae_encoder", "vae_decoder", "transformer") if g in feeds]:
         rows += bench_graph(manifest, args.bundle, graph, feeds[graph], args)
