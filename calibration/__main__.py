@@ -60,7 +60,8 @@ def parse(argv=None):
     ap.add_argument("--num-samples", type=int, default=32, help="calibration feeds per graph")
     ap.add_argument("--num-eval", type=int, default=8, help="held-out photos (transformer: feeds, whole trajectories)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps of each recorded trajectory")
-    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance of the recorded trajectories (default: the "
+                    "bundle recipe's, i.e. how the model samples)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None, help="calibration set cache (default ~/.cache/dcae-edge/calibration)")
     g = ap.add_argument_group("gates")
@@ -186,6 +187,8 @@ def main(argv=None):
         raise CalibrationError(f"--bundle {args.bundle} is not a dcae-edge bundle (no manifest.json); export one first "
                                "with python -m export.onnx / export.openvino / export.coreml")
     gates = Gates(args.encoder_min_cosine, args.decoder_min_psnr, args.transformer_min_cosine, args.max_e2e_drop)
+    if args.cfg_scale is None:
+        args.cfg_scale = float((manifest.get("sampler") or {}).get("cfg_scale") or 3.0)
     opts = SetOptions(args.data, args.eval_data, args.num_samples, args.num_eval, args.steps, args.cfg_scale, args.seed,
                       args.cache_dir)
     print(f"[calibration] {args.backend} INT8 for bundle {args.bundle} ({manifest.get('variant')}, "

@@ -127,7 +127,7 @@ def convert_graph(spec: GraphSpec, sizes: dict, precision: str):
     import torch
 
     ct = import_coremltools()
-    feeds = spec.example_inputs(sizes)
+    feeds = spec.trace_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     t0 = time.perf_counter()
     with quiet():

@@ -317,7 +317,7 @@ def check(spec, runner, sizes: list[dict], precision: str, label: str) -> dict:
     if precision in ("fp32", "fp16"):
         return validate(spec, runner, sizes, precision, label)
     gate = INT8_GATES[spec.name]
-    return validate_gate(spec, runner, [spec.example_inputs(s) for s in sizes], gate, label)
+    return validate_gate(spec, runner, [spec.examples(s) for s in sizes], gate, label)
 
 
 def validate_gate(spec, runner, feed_list: list[dict], gate: dict, label: str) -> dict:
@@ -377,7 +377,7 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
     res = int(m["resolution"])
     sizes = {"batch": 2} if spec.name == "transformer" else {"batch": 1, "height": res // spec.spatial_scale,
                                                                "width": res // spec.spatial_scale}
-    feeds = spec.example_inputs(sizes)
+    feeds = spec.examples(sizes)
     ex_args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     print(f"\n  [{spec.name}] ExecuTorch XNNPACK fp32 ...", flush=True)
     path = gdir / "model.pte"

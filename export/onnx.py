@@ -57,9 +57,11 @@ def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
 
 
 def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str) -> dict:
+    import gc
+
     import torch
 
-    feeds = spec.example_inputs(sizes)
+    feeds = spec.trace_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     params = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     external = params > TWO_GB * 0.9
@@ -80,13 +82,24 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
                               do_constant_folding=True)
     import onnx
 
-    model = onnx.load(str(path))  # with external data: _save rewrites both files
+    del args
+    gc.collect()  # the exported program and the exporter's IR: gone before the proto is read
+    external = external or (path.parent / (path.name + ".data")).exists()
+    # the graph only: weights in external data stay on disk (never a second in-memory copy)
+    model = onnx.load(str(path), load_external_data=False)
     if model.opset_import[0].version != opset and not any(o.domain == "" and o.version == opset for o in model.opset_import):
         raise ExportError(f"{exporter} exporter wrote opset {[o.version for o in model.opset_import if o.domain == '']} "
                           f"instead of the requested {opset}; use --opset 18 or higher with dynamo")
     _name_axes(model, spec, dynamic)
-    _save(model, path, external)
-    return {"seconds": round(time.perf_counter() - t, 1), "external_data": external, "nodes_exported": len(model.graph.node)}
+    if external:  # rewrite the graph file only; its tensors keep pointing into the .data file
+        path.unlink()
+        onnx.save(model, str(path))
+    else:
+        _save(model, path, external)
+    nodes = len(model.graph.node)
+    del model
+    gc.collect()
+    return {"seconds": round(time.perf_counter() - t, 1), "external_data": external, "nodes_exported": nodes}
 
 
 def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
@@ -237,6 +250,9 @@ def ort_runner(path: Path, threads: int = 0):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if (Path(path).parent / (Path(path).name + ".data")).exists():  # a large model: no arena, no pre-planned buffers
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return lambda feeds: sess.run(names, feeds)
@@ -295,7 +311,7 @@ def main(argv=None):
                 failures.append(f"{spec.name} fp32")
             if args.fp16:
                 hpath = gdir / "model_fp16.onnx"
-                hinfo = to_fp16(path, hpath, spec.fp16_keep_ops, spec.example_inputs(sizes[0]))
+                hinfo = to_fp16(path, hpath, spec.fp16_keep_ops, spec.examples(sizes[0]))
                 try:
                     hv = validate(spec, ort_runner(hpath), sizes, "fp16", "onnxruntime fp16")
                 except Exception as e:  # noqa: BLE001 - e.g. a CPU build without an fp16 kernel

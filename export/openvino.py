@@ -57,7 +57,7 @@ def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool):
     import openvino as ov
     import torch
 
-    feeds = spec.example_inputs(sizes)
+    feeds = spec.trace_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     inputs = [(t.name, ov.PartialShape(expected_shape(t, sizes, dynamic)), ov.Type(np.dtype(t.dtype))) for t in spec.inputs]
     t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def median_ms(run, feeds: dict, repeats: int = 5) -> float:
 def validate_precisions(core, model, spec: GraphSpec, sizes_list: list[dict], fp16_weights: bool) -> tuple[dict, dict, dict]:
     """f32 validation (gating), bf16 validation (recorded only) and their median latency at the export size.
     fp16 weights alone cost ~1e-3 relative error: that artifact is held to the fp16 tolerance."""
-    feeds = spec.example_inputs(sizes_list[0])
+    feeds = spec.examples(sizes_list[0])
     run, _ = ov_runner(core, model, spec, "f32")
     v = validate(spec, run, sizes_list, "fp16" if fp16_weights else "fp32",
                  "openvino f32, fp16 weights" if fp16_weights else "openvino f32")

@@ -73,6 +73,36 @@ class GraphSpec:
     spatial_scale: int = 1                        # input pixels per spatial axis unit of the size dict
     meta: dict = field(default_factory=dict)
 
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def examples(self, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+        """``example_inputs`` computed once per size (a decoder's examples run the encoder on
+        photos: at paper size, seconds and gigabytes each time)."""
+        key = ("in", tuple(sorted(sizes.items())))
+        if key not in self._cache:
+            self._cache[key] = self.example_inputs(sizes)
+        return self._cache[key]
+
+    def trace_inputs(self, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+        """Inputs to trace with: values do not matter, only shapes, so a larger batch repeats the
+        batch-1 example instead of computing new ones."""
+        b = sizes.get("batch", 1)
+        if self.name == "transformer" or b == 1:
+            return self.examples(sizes)
+        one = self.examples({**sizes, "batch": 1})
+        return {k: np.ascontiguousarray(np.concatenate([v] * b)) for k, v in one.items()}
+
+    def reference(self, sizes: dict[str, int]) -> list[np.ndarray]:
+        """Torch fp32 outputs on ``examples(sizes)``, computed once (every backend validates against them)."""
+        key = ("ref", tuple(sorted(sizes.items())))
+        if key not in self._cache:
+            with torch.no_grad():
+                feeds = self.examples(sizes)
+                out = self.module(*[torch.from_numpy(feeds[n]) for n in self.input_names])
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            self._cache[key] = [o.float().numpy() for o in outs]
+        return self._cache[key]
+
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]

@@ -27,7 +27,7 @@ from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
 
 SUPPORTED_MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
 class BundleError(ValueError):
@@ -84,7 +84,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 class Pipeline:
-    def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
+    def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "auto", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25, weights: str | None = None,
                  format: str = "onnx", providers: list[str] | None = None):
         if backend not in BACKENDS:
@@ -104,6 +104,7 @@ class Pipeline:
         self.weights = weights  # torch backend only: where the exported weights are
         self.tile_overlap = tile_overlap
         self._runners: dict = {}
+        self._auto: dict[str, str] = {}
         self._runners_lock = threading.Lock()  # threads sharing a pipeline load each graph once
         ae = self.manifest["autoencoder"]
         self.scaling_factor = float(ae["scaling_factor"])
@@ -122,17 +123,32 @@ class Pipeline:
             hint = " (export it with a denoiser: python -m export.onnx --denoiser ...)" if graph == "transformer" else ""
             raise BundleError(f"{self.path} has no {graph} graph{hint}; it holds {', '.join(self.manifest['graphs'])}")
 
+    def precision_of(self, graph: str) -> str:
+        """The precision a graph runs at: the one asked for, or for "auto" the fastest gated
+        artifact on this CPU (probed once, cached; see runtimes.precision)."""
+        if self.precision != "auto":
+            return self.precision
+        if graph not in self._auto:
+            from .precision import resolve
+
+            self._require_graph(graph)
+            self._auto[graph] = resolve(self.manifest, graph, self.backend, self.format, self.threads,
+                                        lambda p: Pipeline(self.path, self.backend, p, self.device, self.threads, self.verify,
+                                                           format=self.format, providers=self.providers))[0]
+        return self._auto[graph]
+
     def _artifact(self, graph: str, resolution: int | None = None) -> tuple[str, dict]:
         self._require_graph(graph)
         arts = self.manifest["graphs"][graph]["artifacts"]
         if self.backend == "torch":
             return "torch", {}
+        precision = self.precision_of(graph)
         prefix = self.format if self.backend == "onnxruntime" else ARTIFACT_PREFIX[self.backend]
-        if self.backend == "openvino" and self.precision in ("fp32", "bf16"):
+        if self.backend == "openvino" and precision in ("fp32", "bf16"):
             keys = ["openvino/fp32", "openvino/fp16w"]
         elif self.backend == "coreml":
             keys = {"fp16": ["coreml/fp16", "coreml/fp32"], "fp32": ["coreml/fp32"],
-                    "int8": ["coreml/int8w", "coreml/int8"]}.get(self.precision, [])
+                    "int8": ["coreml/int8w", "coreml/int8"]}.get(precision, [])
             keys = [k for k in arts if k.split("@")[0] in keys]
             if resolution is not None:  # one fixed-shape package per resolution
                 match = [k for k in keys if arts[k].get("resolution") in (resolution, None)]
@@ -142,7 +158,7 @@ class Pipeline:
                                       f"{', '.join(map(str, have))}px (python -m export.coreml --resolution ... {resolution})")
                 keys = match
         else:
-            keys = [f"{prefix}/{self.precision}"]
+            keys = [f"{prefix}/{precision}"]
         for k in keys:
             if k in arts:
                 self._check_runtime_version(k, arts[k])
@@ -150,7 +166,7 @@ class Pipeline:
         how = {"ort": "python -m export.mobile --bundle " + str(self.path), "ort-runtime": "python -m export.mobile --bundle "
                + str(self.path), "pte": "python -m export.mobile --bundle " + str(self.path)}.get(prefix, "export or calibrate it first")
         what = self.backend if prefix in ("onnx",) or self.backend != "onnxruntime" else f"{prefix}"
-        raise BundleError(f"{graph}: no {what} {self.precision} artifact in {self.path} (available: "
+        raise BundleError(f"{graph}: no {what} {precision} artifact in {self.path} (available: "
                           f"{', '.join(sorted(arts))}); {how}")
 
     def _check_runtime_version(self, key: str, info: dict) -> None:
@@ -168,7 +184,7 @@ class Pipeline:
 
     def _runner(self, graph: str, resolution: int | None = None):
         key, info = self._artifact(graph, resolution)
-        cache_key = (graph, key)
+        cache_key = (graph, key, self.precision_of(graph))
         with self._runners_lock:
             return self._runners.get(cache_key) or self._load_runner(graph, key, info, cache_key)
 
@@ -193,7 +209,7 @@ class Pipeline:
                     g = self.manifest["graphs"][graph]
                     runner = ExecuTorchGraph(main, [t["name"] for t in g["inputs"]], [t["name"] for t in g["outputs"]])
                 elif self.backend == "openvino":
-                    hint = "bf16" if self.precision == "bf16" else "f32"
+                    hint = "bf16" if self.precision_of(graph) == "bf16" else "f32"
                     runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device, hint, self.threads)
                 else:
                     runner = CoreMLGraph(main)
@@ -212,7 +228,7 @@ class Pipeline:
     @property
     def active_providers(self) -> dict[str, list[str]]:
         """Per loaded graph, the execution providers really running it."""
-        return {g: getattr(r, "active_providers", [getattr(r, "provider", "?")]) for (g, _), r in self._runners.items()}
+        return {g: getattr(r, "active_providers", [getattr(r, "provider", "?")]) for (g, *_), r in self._runners.items()}
 
     def _branch_ok(self, graph: str, height_px: int, width_px: int) -> bool:
         g = self.manifest["graphs"][graph]
@@ -326,10 +342,12 @@ class Pipeline:
         return (images, z) if return_latents else images
 
 
-def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32", device: str = "cpu",
+def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str = "auto", device: str = "cpu",
                 threads: int | None = None, verify: bool = True, weights: str | None = None, format: str = "onnx",
                 providers: list[str] | None = None) -> Pipeline:
     """Open an exported bundle (manifest and checksums are checked when a graph is first loaded).
+    ``precision``: "auto" (per graph, the fastest artifact that passed its quality gate on this CPU;
+    says what it picked), or "fp32" / "fp16" / "bf16" (OpenVINO) / "int8" to force one;
     ``format``: "onnx", or "ort" / "ort-runtime" (ORT-format files, backend onnxruntime);
     ``providers``: onnxruntime execution providers to ask for (e.g. ["xnnpack"]);
     ``weights``: for backend="torch", the checkpoint or released folder the bundle came from."""

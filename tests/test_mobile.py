@@ -78,17 +78,17 @@ def test_ort_format_and_executorch_run_through_the_app_api(mobile_bundle):
     from runtimes import open_bundle
 
     photo = sample_photos(128, 1).numpy()
-    ref = open_bundle(mobile_bundle)
+    ref = open_bundle(mobile_bundle, precision="fp32")
     z, x = ref.encode(photo), ref.reconstruct(photo)
     gen = ref.generate([0, 2], seed=1)
     for kw in ({"format": "ort"}, {"format": "ort-runtime"}, {"backend": "executorch"}):
-        pipe = open_bundle(mobile_bundle, **kw)
+        pipe = open_bundle(mobile_bundle, precision="fp32", **kw)
         assert np.abs(pipe.encode(photo) - z).max() <= 1e-4 + 1e-5 * np.abs(z).max(), kw
         assert np.abs(pipe.reconstruct(photo) - x).max() <= 1e-4, kw
         assert np.abs(pipe.generate([0, 2], seed=1) - gen).max() <= 1e-3, kw
     # larger than the fixed 128 px programs: tiles
     big = sample_photos(256, 1).numpy()
-    tiled = open_bundle(mobile_bundle, backend="executorch").reconstruct(big)
+    tiled = open_bundle(mobile_bundle, backend="executorch", precision="fp32").reconstruct(big)
     assert tiled.shape == (1, 3, 256, 256) and np.isfinite(tiled).all()
     pipe = open_bundle(mobile_bundle, backend="executorch", precision="int8")
     assert pipe.reconstruct(photo).shape == x.shape
@@ -97,7 +97,7 @@ def test_ort_format_and_executorch_run_through_the_app_api(mobile_bundle):
 def test_execution_provider_fallback_is_reported(mobile_bundle):
     from runtimes import open_bundle
 
-    pipe = open_bundle(mobile_bundle, format="ort", providers=["xnnpack"])
+    pipe = open_bundle(mobile_bundle, precision="fp32", format="ort", providers=["xnnpack"])
     with pytest.warns(UserWarning, match="XnnpackExecutionProvider asked for but not available"):
         pipe.encode(np.zeros((1, 128, 128, 3), np.uint8))
     assert pipe.active_providers["vae_encoder"] == ["CPUExecutionProvider"]

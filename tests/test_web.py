@@ -81,7 +81,7 @@ def write_fixtures(folder: Path, bundle: Path) -> None:
             if graph == "vae_encoder":
                 feeds = {"sample": _photo(128)}
             elif graph == "vae_decoder":
-                feeds = {"latent_sample": open_bundle(bundle).encode(_photo(128))}
+                feeds = {"latent_sample": open_bundle(bundle, precision="fp32").encode(_photo(128))}
             else:
                 feeds = {"hidden_states": S.initial_noise((2, 128, 2, 2), 3), "timestep": np.array([999.0, 120.0], np.float32),
                          "class_labels": np.array([1, 3], np.int64)}
@@ -89,7 +89,7 @@ def write_fixtures(folder: Path, bundle: Path) -> None:
             fx["graphs"].append({"graph": graph, "precision": precision, "expected": expected.ravel().tolist(),
                                  "feeds": {t["name"]: {"data": feeds[t["name"]].ravel().tolist(), "shape": list(feeds[t["name"]].shape),
                                                        "dtype": t["dtype"]} for t in spec_inputs}})
-    _, z = open_bundle(bundle).generate([0, 2], seed=5, return_latents=True)
+    _, z = open_bundle(bundle, precision="fp32").generate([0, 2], seed=5, return_latents=True)
     rec = S.recipe_of_manifest(manifest)
     fx["generation"] = {"labels": [0, 2], "steps": rec["steps"], "cfg_scale": rec["cfg_scale"], "seed": 5, "latents": z.ravel().tolist()}
     (folder / "fixtures.json").write_text(json.dumps(fx))
@@ -138,7 +138,7 @@ def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
         server.shutdown()
     assert r["isolated"] is True and r["threads"] >= 2, r
     assert not [m for m in r["messages"] if "error" in m.lower()], r["messages"]
-    pipe = open_bundle(web_bundle)
+    pipe = open_bundle(web_bundle, precision="fp32")
     # reconstruct: the same 128² PNG through the page and through Python onnxruntime
     ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)
     page = np.asarray(r["reconstruct"]["pixels"], np.uint8).reshape(128, 128, 4)[..., :3]

@@ -1,0 +1,146 @@
+"""precision="auto": per graph, the fastest artifact of the chosen backend that passed its quality
+gate, measured on *this* CPU (the best choice differs: bf16 wins on AMX Xeons, INT8 on AVX-512
+VNNI EPYCs, and it differs per model width).
+
+The probe runs each gated candidate a few times on inputs of the bundle's shape; the result is
+cached per CPU model and bundle (``~/.cache/dcae-edge/precision/``), so it happens once. Results
+recorded in the bundle by ``scripts/bench_int8.py`` for this same CPU are used instead when present.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+# per backend, the precisions that can stand for a graph and the artifact keys that carry them
+CANDIDATES = {"onnxruntime": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16", "int8"),
+              "executorch": ("fp32", "int8"), "coreml": ("fp16", "int8", "fp32"), "torch": ("fp32",)}
+GATE_KEYS = {"onnxruntime": {"fp32": "onnx/fp32", "fp16": "onnx/fp16", "int8": "onnx/int8"},
+             "openvino": {"fp32": "openvino/fp32", "bf16": "openvino/fp32", "int8": "openvino/int8"},
+             "executorch": {"fp32": "pte/fp32", "int8": "pte/int8"},
+             "coreml": {"fp16": "coreml/fp16", "int8": "coreml/int8w", "fp32": "coreml/fp32"}}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gated(manifest: dict, graph: str, backend: str, fmt: str = "onnx") -> list[str]:
+    """Precisions whose artifact exists and passed its check (export validation or INT8 gate)."""
+    arts = manifest["graphs"].get(graph, {}).get("artifacts", {})
+    out = []
+    for precision in CANDIDATES.get(backend, ("fp32",)):
+        key = GATE_KEYS.get(backend, {}).get(precision)
+        if backend == "onnxruntime" and fmt != "onnx":
+            key = f"{fmt}/{precision}"
+        if key is None or key not in arts:
+            continue
+        art = arts[key]
+        check = art.get("validation_bf16") if precision == "bf16" else art.get("validation")
+        if precision == "bf16" and check is not None:
+            ok = bool(check.get("pass")) or check.get("skipped") is not None
+        else:
+            ok = bool((check or {}).get("pass", precision == "fp32"))
+        if ok:
+            out.append(precision)
+    return out
+
+
+def choose(timings: dict[str, float], allowed: list[str]) -> tuple[str, str]:
+    """(precision, why) for one graph: the fastest allowed one."""
+    usable = {p: t for p, t in timings.items() if p in allowed and t is not None}
+    if not usable:
+        return "fp32", "no gated artifact could be timed: fp32"
+    best = min(usable, key=usable.get)
+    others = ", ".join(f"{p} {t:.1f} ms" for p, t in sorted(usable.items(), key=lambda kv: kv[1]) if p != best)
+    return best, f"{best} {usable[best]:.1f} ms" + (f" (vs {others})" if others else " (the only gated one)")
+
+
+def cache_path(manifest: dict, backend: str, fmt: str, threads: int | None) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcae-edge" / "precision"
+    files = json.dumps(manifest.get("files", {}), sort_keys=True)
+    key = hashlib.sha256(f"{cpu_model()}|{backend}|{fmt}|{threads}|{files}".encode()).hexdigest()[:20]
+    return base / f"{key}.json"
+
+
+def probe_inputs(manifest: dict, graph: str) -> dict[str, np.ndarray]:
+    """Inputs of the bundle's shape (values do not matter for timing; finite and plausible)."""
+    res = int(manifest["resolution"])
+    f = int(manifest["autoencoder"]["spatial_compression"])
+    rng = np.random.default_rng(0)
+    if graph == "vae_encoder":
+        return {"sample": rng.uniform(-1, 1, (1, 3, res, res)).astype(np.float32)}
+    if graph == "vae_decoder":
+        c = int(manifest["autoencoder"]["config"]["latent_channels"])
+        return {"latent_sample": rng.standard_normal((1, c, res // f, res // f)).astype(np.float32)}
+    cfg = manifest["denoiser"]["config"]
+    return {"hidden_states": rng.standard_normal((2, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32),
+            "timestep": np.array([500.0, 500.0], np.float32), "class_labels": np.array([0, cfg["num_classes"]], np.int64)}
+
+
+def probe(pipe_factory, manifest: dict, graph: str, precisions: list[str], runs: int = 3) -> dict[str, float]:
+    """Median ms per precision; ``pipe_factory(precision)`` -> a Pipeline fixed to it."""
+    feeds = probe_inputs(manifest, graph)
+    out = {}
+    for p in precisions:
+        try:
+            runner = pipe_factory(p)._runner(graph)
+            runner.run(feeds)  # warm-up: first calls compile kernels
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                runner.run(feeds)
+                times.append((time.perf_counter() - t) * 1000)
+            out[p] = round(statistics.median(times), 2)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run here is not a candidate
+            out[p] = None
+            print(f"  precision auto: {graph} {p} cannot run here ({type(e).__name__}); skipped")
+    return out
+
+
+def recorded_timings(manifest: dict, graph: str, backend: str) -> dict[str, float] | None:
+    """Timings stored in the bundle by scripts/bench_int8.py, when made on this CPU model."""
+    rec = (manifest.get("benchmarks") or {}).get(cpu_model(), {}).get(backend, {}).get(graph)
+    return {p: float(v) for p, v in rec.items()} if rec else None
+
+
+def resolve(manifest: dict, graph: str, backend: str, fmt: str, threads: int | None, pipe_factory,
+            verbose: bool = True) -> tuple[str, str]:
+    allowed = gated(manifest, graph, backend, fmt)
+    if len(allowed) <= 1:
+        p = allowed[0] if allowed else "fp32"
+        return p, f"{p} (the only gated {backend} artifact)"
+    timings = recorded_timings(manifest, graph, backend)
+    source = "benchmark stored in the bundle"
+    if timings is None:
+        path = cache_path(manifest, backend, fmt, threads)
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        timings = cached.get(graph)
+        source = "cached probe"
+        if timings is None:
+            timings = probe(pipe_factory, manifest, graph, allowed)
+            cached[graph] = timings
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cached, indent=1))
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only home: probe again next time
+            source = "probe on this CPU"
+    precision, why = choose(timings, allowed)
+    if verbose:
+        print(f"precision auto: {graph} -> {backend} {why}; {source} ({cpu_model()})", flush=True)
+    return precision, why

@@ -1,0 +1,72 @@
+"""precision="auto": the fastest artifact that passed its gate, from a probe on this CPU (cached),
+or from timings stored in the bundle; never a graph whose gate failed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_model, tiny_edge_f64
+
+from runtimes import precision as P
+
+
+def manifest_with(gates: dict[str, bool], backend: str = "onnxruntime") -> dict:
+    arts = {}
+    for prec, ok in gates.items():
+        key = P.GATE_KEYS[backend][prec]
+        if prec == "bf16":
+            arts.setdefault(key, {"validation": {"pass": True}})["validation_bf16"] = {"pass": ok}
+        else:
+            arts[key] = {"validation": {"pass": ok}}
+    return {"graphs": {"vae_decoder": {"artifacts": arts}}}
+
+
+def test_fastest_gated_artifact_is_picked_from_injected_timings():
+    m = manifest_with({"fp32": True, "fp16": True, "int8": True})
+    allowed = P.gated(m, "vae_decoder", "onnxruntime")
+    assert allowed == ["fp32", "fp16", "int8"]
+    assert P.choose({"fp32": 100.0, "fp16": 80.0, "int8": 40.0}, allowed)[0] == "int8"
+    assert P.choose({"fp32": 100.0, "fp16": 80.0, "int8": 140.0}, allowed)[0] == "fp16"  # INT8 slower here: not picked
+    best, why = P.choose({"fp32": 10.0, "int8": None}, allowed)
+    assert best == "fp32" and "10.0 ms" in why
+
+
+def test_a_graph_whose_gate_failed_is_never_picked():
+    m = manifest_with({"fp32": True, "int8": False})
+    allowed = P.gated(m, "vae_decoder", "onnxruntime")
+    assert allowed == ["fp32"]
+    assert P.choose({"fp32": 100.0, "int8": 1.0}, allowed)[0] == "fp32"
+    ov = manifest_with({"fp32": True, "bf16": False, "int8": True}, "openvino")
+    assert P.gated(ov, "vae_decoder", "openvino") == ["fp32", "int8"]
+
+
+def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, monkeypatch, capsys):
+    from dcae_edge.checkpoints import save_autoencoder
+    from export.onnx import main
+
+    from runtimes import open_bundle
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_autoencoder(make_model(tiny_edge_f64(), seed=9), tmp_path / "ae.safetensors")
+    main(["--weights", str(tmp_path / "ae.safetensors"), "--graphs", "vae_decoder", "--resolution", "128", "--fp16",
+          "--out", str(tmp_path / "b")])
+    z = np.random.default_rng(0).standard_normal((1, 128, 2, 2)).astype(np.float32)
+    pipe = open_bundle(tmp_path / "b")  # "auto" is the default
+    out = pipe.decode(z)
+    picked = pipe.precision_of("vae_decoder")
+    assert picked in ("fp32", "fp16") and "precision auto: vae_decoder -> onnxruntime" in capsys.readouterr().out
+    assert np.abs(out - open_bundle(tmp_path / "b", precision=picked).decode(z)).max() == 0
+    cached = list((tmp_path / "cache" / "dcae-edge" / "precision").glob("*.json"))
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())["vae_decoder"]) == {"fp32", "fp16"}
+    monkeypatch.setattr(P, "probe", lambda *a, **k: pytest.fail("probed again despite the cache"))
+    assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == picked
+    assert "cached probe" in capsys.readouterr().out
+    # timings stored in the bundle for this CPU win over any probe
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    other = "fp16" if picked == "fp32" else "fp32"
+    m["benchmarks"] = {P.cpu_model(): {"onnxruntime": {"vae_decoder": {picked: 9.0, other: 1.0}}}}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
+    assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == other
+    assert open_bundle(tmp_path / "b", precision="fp32").precision_of("vae_decoder") == "fp32"  # forcing still works
