@@ -40,6 +40,11 @@ class DenoiserTrainConfig:
     cache: str = ""                  # default OUT/latents.safetensors
     resolution: int = 256
     crops_per_image: int = 64
+    crop_min_scale: float = 0.5      # 1.0: whole images (e.g. rendered digits, which a crop could cut)
+    no_flip: bool = False            # mirrored digits are not digits
+    recipe_steps: int = 30           # sampling defaults stored with the model (its recipe)
+    recipe_cfg: float = 1.0
+    recipe_solver: str = ""          # "" = the prediction type's default (euler for flow)
     unconditional: bool = False
     model: str = "dit-tiny"          # preset (dit-tiny, uvit-tiny, uvit-s, ...)
     prediction: str = "flow"         # flow | eps
@@ -65,7 +70,8 @@ def build_cache(cfg: DenoiserTrainConfig, path: Path, device) -> dict:
     n = len(data) * cfg.crops_per_image
     latents, labels = [], []
     for i in tqdm(range(0, n, 32), desc="encoding latent cache"):
-        crops, lab = data.random_crops(min(32, n - i), cfg.resolution, step_generator(cfg.seed + 17, i))
+        crops, lab = data.random_crops(min(32, n - i), cfg.resolution, step_generator(cfg.seed + 17, i),
+                                       min_scale=cfg.crop_min_scale, flip=not cfg.no_flip)
         with torch.no_grad():
             latents.append(ae.encode(to_model_range(crops)).float().cpu() * ae.scaling_factor)
         labels.append(lab)
@@ -119,7 +125,8 @@ def train(cfg: DenoiserTrainConfig) -> dict:
     acp = torch.tensor(ddpm_alphas_cumprod(), dtype=torch.float32)
 
     run_key = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("steps", "time_budget", "ckpt_every", "log_every", "device", "out", "cache")}
+               if k not in ("steps", "time_budget", "ckpt_every", "log_every", "device", "out", "cache", "recipe_steps",
+                            "recipe_cfg", "recipe_solver")}
     run_key["world"] = dist_info.world
     ckpt_path = out / "ckpt.pt"
     step, history = 0, []
@@ -207,7 +214,10 @@ def finish(cfg, model, meta, history, step, class_names, device, seconds) -> dic
                "parameters": sum(p.numel() for p in model.parameters()), "steps": step, "target_steps": cfg.steps,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "classes": class_names if model.config.conditional else [],
                "final_loss": history[-1]["loss"] if history else None, "seconds": round(seconds, 1), "device": str(device)}
-    extra = {"training": summary, "autoencoder_source": meta["autoencoder_source"],
+    from .schedules import recipe_ours, with_solver
+
+    recipe = with_solver(recipe_ours(model.config.prediction, cfg.recipe_steps, cfg.recipe_cfg), cfg.recipe_solver or None)
+    extra = {"training": summary, "autoencoder_source": meta["autoencoder_source"], "recipe": recipe,
              "autoencoder_fingerprint": meta["autoencoder_fingerprint"],
              "latent_fingerprint": meta.get("latent_fingerprint") or latent_fingerprint(load_autoencoder(cfg.autoencoder)),
              "latent_scaling_factor": meta["scaling_factor"],

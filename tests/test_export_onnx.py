@@ -91,7 +91,7 @@ def test_cli_bundle_manifest_and_checksums(tmp_path, tiny_f64_file):
     assert m["autoencoder"]["random_weights"] is False and m["autoencoder"]["scaling_factor"] == 1.0
     for graph in ("vae_encoder", "vae_decoder"):
         art = m["graphs"][graph]["artifacts"]["onnx/fp32"]
-        assert art["validation"]["pass"] and art["opset"] == 18 and art["exporter"] == "dynamo"
+        assert art["validation"]["pass"] and art["opset"] == 18 and art["exporter"] == "torchscript"
         assert art["nodes_after"] <= art["nodes_before"]
     names = {g: [t["name"] for t in m["graphs"][g]["inputs"] + m["graphs"][g]["outputs"]] for g in m["graphs"]}
     assert names == {"vae_encoder": ["sample", "latent_sample"], "vae_decoder": ["latent_sample", "sample"]}
@@ -152,7 +152,7 @@ def test_validation_failure_exits_nonzero_and_writes_nothing(tmp_path, tiny_f64_
     (["--variant", "f65"], "unknown --variant"),
     (["--variant", "f32"], "f64c128 model .* but --variant f32 expects f32c32"),
     (["--variant", "f64", "--resolution", "100"], "not a positive multiple of the compression factor 64"),
-    (["--variant", "f64", "--opset", "17"], "dynamo exporter only writes opset >= 18"),
+    (["--variant", "f64", "--opset", "17", "--exporter", "dynamo"], "dynamo exporter only writes opset >= 18"),
 ])
 def test_bad_arguments_are_refused(args, match, tmp_path, tiny_f64_file):
     full = args + ["--weights", str(tiny_f64_file), "--out", str(tmp_path / "b"), "--denoiser", "none"]
