@@ -70,6 +70,8 @@ def parse(argv=None):
     g.add_argument("--transformer-min-cosine", type=float, default=0.99)
     g.add_argument("--max-e2e-drop", type=float, default=0.3, help="reconstruction PSNR drop vs the photos, dB")
     g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each keeps twice as many nodes in float)")
+    ap.add_argument("--no-latency-aware", dest="latency_aware", action="store_false",
+                    help="OpenVINO: quantize every op that passes the gate, even where INT8 is slower on this CPU")
     g.add_argument("--max-excluded", type=float, default=0.5,
                    help="at most this fraction of the quantized nodes may be kept in float")
     args = ap.parse_args(argv)
@@ -125,11 +127,36 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
         outcome = keep_float_until_gate(lambda ex: backend.quantize(graph, ex), evaluate,
                                         lambda attempt: backend.rank(graph, attempt, rank_feeds(calib, held)), describe,
                                         args.max_rounds, args.max_excluded)
+    if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "latency_exclusions"):
+        outcome = latency_refine(backend, graph, outcome, evaluate, describe)
     outcome.seconds = round(time.perf_counter() - t, 1)
     mark = "✓" if outcome.gate["pass"] else "✗"
     print(f"    -[{mark}] {describe(outcome.gate)}; {backend.describe_counts(outcome.attempt.counts)}"
           + (f"; kept in float: {', '.join(c.node for c in outcome.excluded)}" if outcome.excluded else ""), flush=True)
     return outcome
+
+
+def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) -> Outcome:
+    """Keep in float every quantized op that INT8 does not make faster on this CPU (per-layer
+    timings of both graphs); accept the result only if it still passes the gate and is faster."""
+    slow, rows = backend.latency_exclusions(graph, outcome.attempt)
+    outcome.attempt.extra["layer_latency"] = rows
+    if not slow:
+        print(f"    latency: INT8 is faster on all {len(rows)} timed quantized ops on this CPU", flush=True)
+        return outcome
+    names = sorted(set(outcome.attempt.excluded) | set(slow))
+    attempt = backend.quantize(graph, names)
+    gate = evaluate(attempt)
+    print(f"    latency: {len(slow)} of {len(rows)} quantized ops are no faster in INT8 on this CPU -> kept in float; "
+          f"{describe(gate)}", flush=True)
+    if not gate["pass"]:
+        print("    latency: that mix misses the gate; keeping the accuracy-chosen INT8 graph", flush=True)
+        return outcome
+    attempt.extra["layer_latency"] = rows
+    attempt.extra["kept_float_for_speed"] = slow
+    return Outcome(attempt, gate, outcome.excluded, outcome.ranking,
+                   outcome.rounds + [{"round": "latency", "excluded": len(names), "gate": gate, "seconds": 0}],
+                   mode=outcome.mode + " + latency-aware")
 
 
 def end_to_end(backend, results: dict[str, Outcome], held: dict[str, FeedSet], gates: Gates, fp32: Fp32, manifest):

@@ -220,6 +220,41 @@ class OpenVinoBackend(Backend):
         return Outcome(attempt, gate, excluded, ranking, [{"round": 0, "excluded": len(excluded), "gate": gate, "seconds": 0}],
                        mode=f"NNCF accuracy control (max drop {budget:g} {metric})")
 
+    # ---- latency-aware mixed precision: INT8 only where it is faster on this CPU
+    def layer_times(self, model, feeds: dict, hint: str, runs: int = 5) -> dict[str, float]:
+        """Mean ms per executed node (OpenVINO performance counters), at ``hint`` (the float part's
+        precision: this CPU's default, bf16 where it has native bf16)."""
+        compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
+        request = compiled.create_infer_request()
+        for _ in range(2):
+            request.infer(feeds)
+        acc: collections.Counter = collections.Counter()
+        for _ in range(runs):
+            request.infer(feeds)
+            for info in request.get_profiling_info():
+                acc[info.node_name] += info.real_time.total_seconds() * 1000
+        return {k: v / runs for k, v in acc.items()}
+
+    def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
+        """Quantized ops whose INT8 node (with its fused quantize/dequantize) runs no faster than the
+        same op in the float graph at the CPU's default precision: keep those in float."""
+        hint = self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+        hint = "bf16" if "bf16" in hint else "f32"
+        feeds = self.feeds[graph][0]
+        t_float = self.layer_times(self._read(graph), feeds, hint)
+        t_int8 = self.layer_times(attempt.handle, feeds, hint)
+        rows, slow = [], []
+        for name in sorted(quantized_ops(attempt.handle)):
+            f = sum(v for k, v in t_float.items() if k == name)
+            q = sum(v for k, v in t_int8.items() if k == name or k.startswith(name + "/"))
+            if not f or not q:
+                continue
+            keep_float = q >= f
+            rows.append({"node": name, "int8_ms": round(q, 3), f"{hint}_ms": round(f, 3), "int8": not keep_float})
+            if keep_float:
+                slow.append(name)
+        return slow, rows
+
     def save(self, graph: str, attempt: Attempt, gdir: Path) -> list[Path]:
         import openvino as ov
 

@@ -22,7 +22,9 @@ def _details(backend, results, calib, held) -> dict:
                 "kept_in_float": [c.to_dict() for c in o.excluded],
                 "most_sensitive": [c.to_dict() for c in o.ranking[:20]],
                 "rounds": [{"round": r["round"], "nodes_in_float": r["excluded"], "value": r["gate"]["value"],
-                            "pass": r["gate"]["pass"], "seconds": r["seconds"]} for r in o.rounds]}
+                            "pass": r["gate"]["pass"], "seconds": r["seconds"]} for r in o.rounds],
+                "layer_latency": o.attempt.extra.get("layer_latency", []),
+                "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", [])}
             for g, o in results.items()}
 
 
@@ -53,6 +55,15 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
         elif d["most_sensitive"]:
             lines += ["", "Nothing kept in float. Most sensitive nodes (lowest SQNR):", ""]
             lines += [f"- `{c['node']}` ({c['op_type']}, `{c['label']}`): {c['reason']}" for c in d["most_sensitive"][:5]]
+        if d.get("layer_latency"):
+            rows = d["layer_latency"]
+            other = next(k for k in rows[0] if k.endswith("_ms") and k != "int8_ms")
+            int8_total = sum(r["int8_ms"] if r["int8"] else r[other] for r in rows)
+            lines += ["", f"Latency on this CPU, per quantized op (INT8 node vs the float graph at {other[:-3]}): "
+                      f"{sum(not r['int8'] for r in rows)} of {len(rows)} kept in float because INT8 was no faster; these "
+                      f"ops take {sum(r[other] for r in rows):.1f} ms in {other[:-3]} and {int8_total:.1f} ms in the mix.", "",
+                      f"| op | INT8 ms | {other[:-3]} ms | runs in |", "|---|---|---|---|"]
+            lines += [f"| `{r['node']}` | {r['int8_ms']} | {r[other]} | {'INT8' if r['int8'] else other[:-3]} |" for r in rows]
     if png:
         lines += ["", "## Reconstructions", "", f"Rows: held-out photo, fp32, INT8, |INT8 - fp32| x {DIFF_GAIN}.", "",
                   f"![fp32 vs INT8]({Path(png).name})"]

@@ -46,14 +46,49 @@ def evaluate(model, images: torch.Tensor, batch: int = 8, lpips_model=None) -> d
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def evaluate_generator(model_src: str, per_class: int, steps: int | None, cfg: float | None, out: Path) -> dict:
+    """The torch sampler + decoder of a class-conditional generator, read by the digit judge."""
+    from PIL import Image
+
+    from .judge import Judge, semantic_score
+    from .official import load_diffusion_model
+    from .sample import generate_latents
+
+    m = load_diffusion_model(model_src)
+    judge = Judge()
+
+    def gen(labels, seed):
+        z = generate_latents(m.denoiser, labels, steps, cfg, seed=seed, recipe=m.recipe)
+        with torch.no_grad():
+            return m.autoencoder.decode(z / m.scaling_factor).numpy()
+
+    report, grid = semantic_score(gen, list(range(m.denoiser.config.num_classes)), per_class, judge)
+    report.update(model=Path(model_src).name, runtime="torch fp32", steps=steps or m.recipe.get("steps"),
+                  cfg_scale=cfg or m.recipe.get("cfg_scale"), judge_heldout_accuracy=judge.meta.get("heldout_accuracy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--generator", nargs="?", const="dcae_edge/weights/digits-f64.safetensors", default=None,
+                    help="score a class-conditional digit generator with the judge instead (default: the bundled one)")
+    ap.add_argument("--per-class", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--autoencoder", nargs="+", default=["f64"])
     ap.add_argument("--data", default="data/photos/eval", help="image folder; 'bundled' = the 4 packaged photos")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="results/eval")
     args = ap.parse_args(argv)
+    if args.generator:
+        out = Path(args.out if args.out != "results/eval" else "results/generator")
+        evaluate_generator(args.generator, args.per_class, args.steps, args.cfg, out)
+        return
     lp = try_lpips(args.device)
     rows = []
     for src in args.autoencoder:

@@ -73,3 +73,27 @@ class Judge:
                      for c in sorted(set(wanted.tolist()))}
         return {"accuracy": round(float((pred == wanted).mean()), 4), "n": int(len(wanted)), "per_class": per_class,
                 "predicted": pred.tolist(), "confidence": [round(float(c), 3) for c in conf]}
+
+
+def semantic_score(generate, class_ids: list[int], per_class: int, judge: "Judge", seed: int = 0, thumb: int = 128):
+    """Generate ``per_class`` samples of every class (one call per class, seeds ``seed + class``:
+    every runtime starts from the same noise) and read them with the judge.
+    ``generate(labels, seed) -> images`` (N x 3 x H x W in [-1, 1]). Returns (report, grid uint8 image:
+    one row per class, wrong readings framed in red)."""
+    rows, preds, wanted = [], [], []
+    for c in class_ids:
+        images = generate([c] * per_class, seed + c)
+        p, _ = judge.classify(images)
+        preds += p.tolist()
+        wanted += [c] * per_class
+        small = [np.asarray(Image.fromarray(((np.clip(im, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0))
+                            .resize((thumb, thumb), Image.Resampling.BILINEAR)) for im in images]
+        for tile, got in zip(small, p):
+            if got != c:  # a red frame where the judge read another digit
+                tile[:3], tile[-3:], tile[:, :3], tile[:, -3:] = (220, 30, 30), (220, 30, 30), (220, 30, 30), (220, 30, 30)
+        rows.append(np.concatenate(small, 1))
+    preds_a, wanted_a = np.array(preds), np.array(wanted)
+    per = {judge.class_names[c]: round(float((preds_a[wanted_a == c] == c).mean()), 4) for c in class_ids}
+    report = {"accuracy": round(float((preds_a == wanted_a).mean()), 4), "per_class": per, "samples": len(wanted),
+              "per_class_samples": per_class, "seed": seed}
+    return report, np.concatenate(rows, 0)

@@ -175,7 +175,7 @@ def load_models(args) -> tuple:
     return ae, ae_info, dn, dn_info
 
 
-BUNDLED_DENOISERS = {"f64": Path(__file__).resolve().parents[1] / "dcae_edge" / "weights" / "dit-f64.safetensors"}
+BUNDLED_DENOISERS = {"f64": Path(__file__).resolve().parents[1] / "dcae_edge" / "weights" / "digits-f64.safetensors"}
 
 
 def _load_release(args) -> tuple:

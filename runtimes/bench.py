@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -50,9 +49,15 @@ def _make_runner(kind: str, path: str, precision: str, threads: int):
 
 
 def _time_one(args) -> dict:
-    """Child process: build the runner, warm up, time. Returns latencies and peak RSS."""
+    """Child process: build the runner, warm up, time. Returns latencies, the RSS before loading
+    (interpreter + runtime) and the peak."""
     kind, path, precision, feeds_file, runs, warmup, threads = args
     feeds = dict(np.load(feeds_file))
+    if kind == "onnxruntime":
+        import onnxruntime  # noqa: F401 - counted in the base RSS, not the model's
+    else:
+        import openvino  # noqa: F401
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
     runner = _make_runner(kind, path, precision, threads)
     load_s = time.perf_counter() - t
@@ -61,18 +66,29 @@ def _time_one(args) -> dict:
     first_ms = (time.perf_counter() - t) * 1000
     times = time_calls(lambda: runner.run(feeds), runs, max(0, warmup - 1))
     return {"load_s": round(load_s, 2), "first_ms": round(first_ms, 1), "p50_ms": round(statistics.median(times), 2),
-            "p90_ms": round(float(np.percentile(times, 90)), 2), "runs": runs,
+            "p90_ms": round(float(np.percentile(times, 90)), 2), "runs": runs, "base_rss_mb": round(base_mb, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def time_config(kind, path, precision, feeds, runs, warmup, threads) -> dict:
+    """One configuration in a fresh interpreter that imports numpy and the runtime only (a
+    multiprocessing worker would import this module's parent, torch included, and its import
+    peak — the same ~270 MB for every row — would hide the model's memory)."""
+    import subprocess
+    import sys
+
     with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
         np.savez(f, **feeds)
     try:
-        with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_time_one, ((kind, path, precision, f.name, runs, warmup, threads),))
-    except Exception as e:  # noqa: BLE001 - one failing configuration is reported, not fatal
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        code = ("import json, sys; from runtimes.bench import _time_one; "
+                "print(json.dumps(_time_one(json.loads(sys.argv[1]))))")
+        r = subprocess.run([sys.executable, "-c", code, json.dumps([kind, path, precision, f.name, runs, warmup, threads])],
+                           capture_output=True, text=True)
+        if r.returncode:
+            return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out["model_rss_mb"] = round(out["peak_rss_mb"] - out["base_rss_mb"], 1)
+        return out
     finally:
         os.unlink(f.name)
 
@@ -258,16 +274,18 @@ def to_markdown(report: dict) -> str:
     lines = [f"Benchmark of `{report['bundle']}` at {report['resolution']}px on {m['cpu']} ({m['cores']} cores, "
              f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up; "
              "each configuration in its own process.", "", f"Command: `{report['command']}`", "",
-             "| graph | backend | precision | batch | p50 ms | p90 ms | items/s | first run ms | load s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Peak RSS is each configuration's own process; the runtime alone (interpreter, numpy, the runtime "
+             "library) is the base, so model + activations = peak - base. Load s = building the session.", "",
+             "| graph | backend | precision | batch | p50 ms | p90 ms | items/s | first run ms | load s | peak RSS MB | base MB | "
+             "model MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = r["graph"] + (" (baseline)" if r.get("baseline") else "")
         if "error" in r:
-            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | error: {r['error']} | | | | | | | |")
         else:
             lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']} | {r['p90_ms']} | "
                          f"{r.get('items_per_s', round(r['batch'] * 1000 / r['p50_ms'], 2))} | {r['first_ms']} | "
-                         f"{r['load_s']} | {r['peak_rss_mb']} |")
+                         f"{r['load_s']} | {r['peak_rss_mb']} | {r.get('base_rss_mb', '')} | {r.get('model_rss_mb', '')} |")
     if report["end_to_end"]:
         lines += ["", f"End-to-end {report['resolution']}px generation (steps x denoiser at CFG batch 2 + one decode):", "",
                   "| pipeline | backend | precision | steps | denoiser step ms | decode ms | total s |", "|---|---|---|---|---|---|---|"]

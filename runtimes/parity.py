@@ -177,6 +177,75 @@ def check_golden(bundle: Path, backend: str = "onnxruntime", precision: str = "f
             "rows": rows}
 
 
+def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict]]:
+    """(backend, label, per-graph precision) for every transformer artifact this machine can run;
+    the decoder runs at the same precision when the bundle has it, else fp32."""
+    out = []
+    dec = manifest["graphs"].get("vae_decoder", {}).get("artifacts", {})
+    for key in sorted(manifest["graphs"]["transformer"]["artifacts"]):
+        for backend, precision in combos(key):
+            if backend == "coreml" and platform.system() != "Darwin":
+                continue
+            prefix = {"onnxruntime": "onnx", "openvino": "openvino"}.get(backend, backend)
+            dkey = f"{prefix}/{precision}" if not (backend == "openvino" and precision == "bf16") else "openvino/fp32"
+            dprec = precision if dkey in dec else "fp32"
+            out.append((backend, f"{backend} {precision}" + (f" (decoder {dprec})" if dprec != precision else ""),
+                        {"transformer": precision, "vae_decoder": dprec}))
+    if any(k.startswith("pte/") for k in manifest["graphs"]["transformer"]["artifacts"]):
+        for p in ("fp32", "int8"):
+            if f"pte/{p}" in manifest["graphs"]["transformer"]["artifacts"]:
+                dprec = p if f"pte/{p}" in dec else "fp32"
+                out.append(("executorch", f"executorch {p}", {"transformer": p, "vae_decoder": dprec}))
+    return out
+
+
+def semantic_parity(bundle: Path, per_class: int, out: Path, weights: str | None = None, device: str = "cpu") -> dict:
+    """Class accuracy (digit judge) of the same seeded generations through every runtime and
+    precision of the bundle, and through torch when its weights are at hand; a grid PNG each."""
+    from PIL import Image
+
+    from dcae_edge.judge import Judge, semantic_score
+
+    manifest = read_manifest(bundle, verify=True)
+    if "transformer" not in manifest["graphs"] or not manifest.get("denoiser"):
+        raise BundleError(f"{bundle} has no denoiser to score")
+    classes = list(range(manifest["denoiser"]["config"]["num_classes"]))
+    judge = Judge()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("torch", "torch fp32", "fp32")] + semantic_runtimes(manifest)
+    rows = []
+    for backend, label, precision in runs:
+        try:
+            pipe = Pipeline(bundle, backend, precision, device, weights=weights)
+            report, grid = semantic_score(lambda labels, seed: pipe.generate(labels, seed=seed), classes, per_class, judge)
+        except (RuntimeUnavailable, BundleError) as e:
+            rows.append({"runtime": label, "status": "skipped", "reason": str(e).splitlines()[0]})
+            print(f"  {label}: skipped ({str(e).splitlines()[0]})")
+            continue
+        name = label.replace(" ", "_").replace("(", "").replace(")", "")
+        Image.fromarray(grid).save(out / f"{name}.png")
+        rows.append({"runtime": label, "status": "ok", "grid": f"{name}.png", **report})
+        print(f"  {label}: accuracy {report['accuracy']:.3f}  {report['per_class']}", flush=True)
+    ref = next((r["accuracy"] for r in rows if r["runtime"] == "torch fp32" and r["status"] == "ok"), None)
+    for r in rows:
+        if r["status"] == "ok":
+            r["pass"] = r["accuracy"] >= 0.90 and (ref is None or r["accuracy"] >= ref - 0.03)
+    result = {"bundle": str(bundle), "per_class": per_class, "judge_heldout_accuracy": judge.meta.get("heldout_accuracy"),
+              "torch_accuracy": ref, "rows": rows, "pass": all(r.get("pass", True) for r in rows)}
+    (out / "semantic.json").write_text(json.dumps(result, indent=1))
+    lines = [f"Digit-judge accuracy of {per_class} generations per class through every runtime (same seeds, so the "
+             f"same starting noise); judge held-out accuracy {result['judge_heldout_accuracy']}. Pass: >= 90% and "
+             "within 3 points of torch.", "", "| runtime | accuracy | per class | grid |", "|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"| {r['runtime']} | **{100 * r['accuracy']:.1f}%** {'✓' if r['pass'] else '✗'} | "
+                         + " ".join(f"{k}:{100 * v:.0f}" for k, v in r["per_class"].items()) + f" | ![]({r['grid']}) |")
+        else:
+            lines.append(f"| {r['runtime']} | skipped | {r['reason']} | |")
+    (out / "semantic.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"Parity of `{report['bundle']}` against the torch reference `{report['reference']}` "
              f"(made on {report['reference_device']}, torch {report['reference_torch']}); host {report['host']}.", "",
@@ -201,10 +270,22 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="onnxruntime", help="--golden: the backend to check")
     ap.add_argument("--precision", default="fp32", help="--golden: the precision to check")
     ap.add_argument("--format", default="onnx", help="--golden: onnx | ort | ort-runtime (onnxruntime)")
+    ap.add_argument("--semantic", type=int, default=0, metavar="N",
+                    help="digit generators: judge N generations per class through every runtime (writes OUT/semantic.md)")
+    ap.add_argument("--weights", default=None, help="--semantic: the torch weights for the torch row (bundled: found)")
     ap.add_argument("--backends", nargs="*", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="report path without suffix (default BUNDLE/parity)")
     args = ap.parse_args(argv)
+    if args.semantic:
+        try:
+            result = semantic_parity(args.bundle, args.semantic, Path(args.out or args.bundle / "semantic"), args.weights,
+                                     args.device)
+        except (BundleError, ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{'PASS' if result['pass'] else 'FAIL'}: semantic parity written to {args.out or args.bundle / 'semantic'}")
+        return 0 if result["pass"] else 1
     if args.golden:
         try:
             report = check_golden(args.bundle, args.backend, args.precision, args.format, device=args.device)

@@ -95,8 +95,9 @@ class Pipeline:
         if format != "onnx" and backend != "onnxruntime":
             raise BundleError(f"format={format!r} is an onnxruntime format; use backend='onnxruntime'")
         self.format, self.providers = format, providers
-        if precision not in PRECISIONS:
-            raise BundleError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        for p in (precision.values() if isinstance(precision, dict) else [precision]):
+            if p not in PRECISIONS:
+                raise BundleError(f"unknown precision {p!r}: choose one of {', '.join(PRECISIONS)}")
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=False)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
@@ -126,6 +127,8 @@ class Pipeline:
     def precision_of(self, graph: str) -> str:
         """The precision a graph runs at: the one asked for, or for "auto" the fastest gated
         artifact on this CPU (probed once, cached; see runtimes.precision)."""
+        if isinstance(self.precision, dict):  # per graph, e.g. {"transformer": "int8"}; others fp32
+            return self.precision.get(graph, "fp32")
         if self.precision != "auto":
             return self.precision
         if graph not in self._auto:

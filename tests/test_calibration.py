@@ -139,6 +139,33 @@ def test_openvino_int8_fake_quantize(copy, data_dir):
     assert m["calibration"]["openvino"]["gates"]["end_to_end"]["pass"]
 
 
+def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir, monkeypatch):
+    """Ops that INT8 does not make faster on this CPU stay float; the gate still holds. Real
+    per-layer timings are recorded; then injected timings make two decoder ops 'slow'."""
+    from calibration.openvino import OpenVinoBackend, quantized_ops
+
+    assert calibrate(copy, "openvino", data_dir, "--graphs", "vae_decoder") == 0
+    art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
+    rows = art["layer_latency"]
+    assert rows and all({"node", "int8_ms", "int8"} <= set(r) for r in rows)
+    assert "Latency on this CPU, per quantized op" in (copy / "calibration" / "openvino.md").read_text()
+    real = OpenVinoBackend.latency_exclusions
+
+    def fake(self, graph, attempt):
+        slow, rows = real(self, graph, attempt)
+        chosen = sorted(quantized_ops(attempt.handle))[:2]
+        return chosen, [{**r, "int8": r["node"] not in chosen} for r in rows]
+
+    monkeypatch.setattr(OpenVinoBackend, "latency_exclusions", fake)
+    assert calibrate(copy, "openvino", data_dir, "--graphs", "vae_decoder") == 0
+    import openvino as ov
+
+    art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
+    ir = ov.Core().read_model(str(copy / art["files"][0]))
+    assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & quantized_ops(ir)
+    assert art["gate"]["pass"]
+
+
 def test_coreml_int8_weights(coreml_bundle, data_dir, capsys, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(coreml_bundle, copy)

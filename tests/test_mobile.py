@@ -141,11 +141,11 @@ def test_bad_mobile_inputs_are_clear(mobile_bundle, tmp_path):
     pte = other / m["graphs"]["vae_decoder"]["artifacts"]["pte/fp32"]["files"][0]
     pte.write_bytes(pte.read_bytes()[: pte.stat().st_size // 2])
     with pytest.raises(BundleError, match="truncated"):
-        open_bundle(other, backend="executorch").decode(np.zeros((1, 128, 2, 2), np.float32))
+        open_bundle(other, backend="executorch", precision="fp32").decode(np.zeros((1, 128, 2, 2), np.float32))
     from runtimes import RuntimeUnavailable
 
     with pytest.raises(RuntimeUnavailable, match="ExecuTorch cannot load this program"):
-        open_bundle(other, backend="executorch", verify=False).decode(np.zeros((1, 128, 2, 2), np.float32))
+        open_bundle(other, backend="executorch", precision="fp32", verify=False).decode(np.zeros((1, 128, 2, 2), np.float32))
     # golden vectors whose shapes do not match the bundle
     from runtimes.parity import check_golden
 

@@ -30,8 +30,14 @@ def test_base_install_runs_the_app_without_torch(tmp_path):
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = str(env_dir / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # a wheel of the project without extras (what `pip install dcae-edge` gives an app)
-    r = subprocess.run([py, "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, env=env, timeout=1200)
+    # the project without extras (what `pip install dcae-edge` gives an app), built from a copy of the
+    # sources so setuptools' build/ folder never lands in the working tree
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "node_modules", ".venv", ".ci-venv", "data", "runs",
+                                                             "exports", "build", ".cache", "docs", "tests", "*.egg-info"))
+    r = subprocess.run([py, "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr

@@ -19,8 +19,10 @@ function say(text, kind = "info") {
 }
 
 function threads() { // threads need cross-origin isolation (COOP/COEP headers from python -m runtimes.web)
+  const asked = Number(new URLSearchParams(location.search).get("threads"));  // ?threads=N (benchmarks)
   const cores = navigator.hardwareConcurrency || 1;
-  return crossOriginIsolated ? Math.max(1, Math.min(4, cores)) : 1;
+  if (!crossOriginIsolated) return 1;
+  return asked > 0 ? asked : Math.max(1, Math.min(4, cores));
 }
 
 async function session(graph) {
@@ -247,10 +249,30 @@ async function init() {
   $("precision").onchange = () => state.sessions.clear();
 }
 
+async function bench(graph, runs = 5) { // median ms of one graph at the bundle resolution (random inputs)
+  const m = state.bundle.manifest, r = state.info.resolution, f = state.info.compression, c = state.info.latentChannels;
+  const rand = (n) => Float32Array.from({ length: n }, () => Math.random() * 2 - 1);
+  let feeds;
+  if (graph === "vae_encoder") feeds = { sample: { data: rand(3 * r * r), dims: [1, 3, r, r] } };
+  else if (graph === "vae_decoder") feeds = { latent_sample: { data: rand(c * (r / f) ** 2), dims: [1, c, r / f, r / f] } };
+  else {
+    const [lc, h, w] = state.info.sampler.latent_shape;
+    feeds = { hidden_states: { data: rand(2 * lc * h * w), dims: [2, lc, h, w] },
+      timestep: { data: new Float32Array([500, 500]), dims: [2] },
+      class_labels: { data: new BigInt64Array([0n, BigInt(m.denoiser.config.num_classes)]), dims: [2], type: "int64" } };
+  }
+  const s = await session(graph);
+  await s.run(feeds);
+  const times = [];
+  for (let i = 0; i < runs; i++) { const t = performance.now(); await s.run(feeds); times.push(performance.now() - t); }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
 const ready = init();
 window.dcae = {
   ready, state,
   reconstruct: (url) => guarded(() => reconstruct(url)),
   generate: (opts) => guarded(() => generateImages(opts)),
-  setBackend, messages: () => Array.from($("messages").children, (d) => d.textContent),
+  setBackend, bench, messages: () => Array.from($("messages").children, (d) => d.textContent),
 };

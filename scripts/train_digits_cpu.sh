@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The bundled digit generator (issue 17, part 1): a class-conditional DiT (flow matching) on the
+# bundled f64's latents of data/digits/train (python -m dcae_edge.digits --out data/digits), whole
+# 512² images (no crops: a crop could cut the digit; no flips: a mirrored 2 is not a 2). The latent
+# cache is built on the first run (the encoder's latents x its scaling factor). Resumable: rerun.
+# Then: python scripts/bundle_digits.py --run runs/digits-f64 (fp16 into dcae_edge/weights/).
+set -euo pipefail
+OUT=${OUT:-runs/digits-f64}
+AE=${AE:-f64}
+python -m dcae_edge.train_denoiser --autoencoder "$AE" --data data/digits/train --out "$OUT" --resolution 512 \
+  --crops-per-image 1 --crop-min-scale 1.0 --no-flip --model dit-tiny --hidden-size 192 --depth 6 \
+  --batch-size ${BATCH:-64} --steps ${STEPS:-4000} --lr 3e-4 --warmup 200 --amp bf16 --device cpu \
+  --ckpt-every 250 --log-every 20 --recipe-steps ${RECIPE_STEPS:-20} --recipe-cfg ${RECIPE_CFG:-3.0} --recipe-solver heun
