@@ -97,3 +97,15 @@ def semantic_score(generate, class_ids: list[int], per_class: int, judge: "Judge
     report = {"accuracy": round(float((preds_a == wanted_a).mean()), 4), "per_class": per, "samples": len(wanted),
               "per_class_samples": per_class, "seed": seed}
     return report, np.concatenate(rows, 0)
+
+
+def fresh_render_accuracy(judge: "Judge", n: int = 200, seed: int = 1234, photos_dir: str | None = None) -> float:
+    """Accuracy on freshly rendered digits in the fonts that ship inside matplotlib (held out from
+    training, present wherever the package is installed: what the test suite re-checks)."""
+    from .digits import load_background_photos, matplotlib_fonts, render_sample
+
+    fonts = matplotlib_fonts()
+    photos, _ = load_background_photos(photos_dir)
+    images = [render_sample(i, "heldout", fonts, photos, seed=seed)[0] for i in range(n)]
+    pred, _ = judge.classify(images)
+    return float((pred == np.arange(n) % 10).mean())

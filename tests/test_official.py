@@ -308,3 +308,30 @@ def test_release_exports_and_generates_like_torch(releases, decoder_bundle, fami
         pipe.generate([1000])
     with pytest.raises(BundleError, match="steps must be"):
         pipe.generate([1], steps=0)
+
+
+@pytest.mark.slow
+def test_release_through_openvino_coreml_and_int8(releases, decoder_bundle, tmp_path):
+    """The other exporters and calibration take a released model as they take ours: OpenVINO IR and a
+    Core ML package of the U-ViT, INT8 calibrated on its own DPM-Solver trajectories."""
+    from calibration.__main__ import run_cli as calibrate
+    from export import coreml, openvino
+
+    folder, _ = releases["uvit"]
+    out = tmp_path / "bundle"
+    shutil.copytree(decoder_bundle, out)
+    from export.common import run_cli
+    from export.onnx import main
+
+    assert run_cli(main, ["--weights", str(folder), "--graphs", "transformer", "--out", str(out), "--resolution", "128"]) == 0
+    assert run_cli(openvino.main, ["--weights", str(folder), "--graphs", "transformer", "--out", str(out),
+                                   "--resolution", "128"]) == 0
+    assert run_cli(coreml.main, ["--weights", str(folder), "--graphs", "transformer", "--out", str(out),
+                                 "--resolution", "128"]) == 0
+    assert calibrate(["--bundle", str(out), "--backend", "openvino", "--graphs", "transformer", "--num-samples", "12",
+                      "--num-eval", "6", "--steps", "6", "--cache-dir", str(tmp_path / "sets")]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    arts = m["graphs"]["transformer"]["artifacts"]
+    assert arts["openvino/fp32"]["validation"]["pass"] and any(k.startswith("coreml/") for k in arts)
+    assert arts["openvino/int8"]["gate"]["pass"]
+    assert "6 steps, cfg 1.5" in arts["openvino/int8"]["calibration_set"]["source"]  # the recipe's own guidance
