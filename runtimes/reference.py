@@ -1,7 +1,7 @@
 """Reference outputs of the torch models on fixed real inputs, for the parity suite.
 
     python -m runtimes.reference --bundle exports/f64 --device cuda --out tests/references/f64-cuda.safetensors
-    python -m runtimes.reference --autoencoder f64 --denoiser dcae_edge/weights/dit-f64.safetensors \
+    python -m runtimes.reference --autoencoder f64 --denoiser dcae_edge/weights/digits-f64.safetensors \
         --resolution 256 --device cpu --out ref.safetensors
 
 Stores, in one safetensors file (readable with numpy alone), the inputs and outputs of every

@@ -7,7 +7,7 @@ Jobs (each a plain `python -m dcae_edge.train ...` command, logged to OUT/<job>.
   f64        dc-ae-edge-f64c128: phase 1 @256 -> phase 2 @512 -> phase 3 @256   (bundled)
   f32        dc-ae-edge-f32c32:  same three phases                              (bundled)
   f64-plain  ablation (a): the same f64 without residual shortcuts, phase 1 only, same steps
-  dit-f64    the denoiser on 512px f64 latents of the training photos            (bundled)
+  digits-f64 the digit generator on 512px f64 latents of data/digits/train        (bundled)
 then: held-out evaluation (256 and 512, phase 1 vs 3 = ablation (b)), fp16 copies of the bundled
 weights in OUT/weights/, and torch reference files for the parity suite on this device.
 Rerunning the same command resumes every job from its last checkpoint.
@@ -114,18 +114,15 @@ def main():
     f64 = bundle_ae("f64", "f64")
     dn = None
     if f64 is not None:
-        dcmd = [sys.executable, "-m", "dcae_edge.train_denoiser", "--autoencoder", "f64", "--data", "data/photos/train",
-                "--out", str(out / "dit-f64"), "--resolution", "512", "--crops-per-image", str(max(4, int(48 * min(1, args.scale * 4)))),
-                "--model", "dit-tiny", "--hidden-size", "192", "--depth", "6", "--batch-size", "128",
+        # the digit generator (python -m dcae_edge.digits --out data/digits first): whole images, no flips
+        dcmd = [sys.executable, "-m", "dcae_edge.train_denoiser", "--autoencoder", "f64", "--data", "data/digits/train",
+                "--out", str(out / "digits-f64"), "--resolution", "512", "--crops-per-image", "1", "--crop-min-scale", "1.0",
+                "--no-flip", "--model", "dit-tiny", "--hidden-size", "192", "--depth", "6", "--batch-size", "128",
                 "--steps", str(max(2, int(8000 * args.scale))), "--time-budget", str(args.denoiser_budget * max(args.scale, 0.05)),
-                "--lr", "3e-4", "--device", device]
-        if run(dcmd, out / "dit-f64.log").wait() == 0:
-            from dcae_edge.denoiser import load_denoiser, save_denoiser
-
-            model, meta = load_denoiser(out / "dit-f64" / "model.safetensors")
-            dn = weights / "dit-f64.safetensors"
-            save_denoiser(model, dn, dtype=torch.float16, extra={k: v for k, v in meta.items() if k not in ("format", "kind")})
-            shutil.copy(dn, ROOT / "dcae_edge" / "weights" / dn.name)
+                "--lr", "3e-4", "--device", device, "--recipe-steps", "20", "--recipe-cfg", "3.0", "--recipe-solver", "heun"]
+        if run(dcmd, out / "digits-f64.log").wait() == 0:
+            run([sys.executable, "scripts/bundle_digits.py", "--run", str(out / "digits-f64")], out / "digits-f64.log").wait()
+            dn = ROOT / "dcae_edge" / "weights" / "digits-f64.safetensors"
             if args.collect:
                 shutil.copy(dn, args.collect / dn.name)
             print(f"[{time.time() - t0:.0f}s] bundled {dn}", flush=True)
@@ -150,7 +147,7 @@ def main():
         cmd = [sys.executable, "-m", "runtimes.reference", "--autoencoder", "f64", "--resolution", "512", "--device", device,
                "--out", str(refs / f"f64-{device}.safetensors")]
         if dn is not None:
-            cmd += ["--denoiser", str(ROOT / "dcae_edge" / "weights" / "dit-f64.safetensors")]
+            cmd += ["--denoiser", str(ROOT / "dcae_edge" / "weights" / "digits-f64.safetensors")]
         run(cmd, out / "reference.log").wait()
     if f32 is not None:
         run([sys.executable, "-m", "runtimes.reference", "--autoencoder", "f32", "--resolution", "256", "--device", device,
