@@ -14,7 +14,6 @@ Ctrl-C leaves the previous bundle untouched (or no bundle), never a half-written
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -23,20 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from dcae_edge.files import sha256_file  # noqa: F401 (re-exported: calibration and tests import it from here)
+
 BUNDLE_FORMAT = "dcae-edge-bundle"
 MANIFEST_VERSION = 1
 
 
 class BundleError(RuntimeError):
     """A bundle cannot be written or read; the message says what to do."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_versions(*names: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ reference). The sampler maths is ``dcae_edge.schedules``, shared with the torch 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dcae_edge import schedules
+from dcae_edge.files import sha256_file
 
 from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
                        TorchGraph)
@@ -73,14 +73,6 @@ def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
         if sha256_file(f) != meta["sha256"]:
             raise BundleError(f"{f} does not match its checksum in the manifest (tampered or corrupt); "
                               "copy the bundle again or re-export it")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Pipeline:

@@ -106,16 +106,19 @@ def load_reference(path: str | Path) -> tuple[dict, dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="exported bundle: weights and resolution are read from its manifest")
-    ap.add_argument("--autoencoder", help="autoencoder source (without --bundle)")
-    ap.add_argument("--denoiser", help="denoiser .safetensors (without --bundle)")
+    ap.add_argument("--autoencoder", help="autoencoder source (with --bundle: when it is not bundled weights)")
+    ap.add_argument("--denoiser", help="denoiser .safetensors (with --bundle: when it is not bundled weights)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
     ap.add_argument("--out", help="output file (default: BUNDLE/reference-DEVICE.safetensors)")
     args = ap.parse_args(argv)
     if args.bundle:
+        from .backends import TorchGraph
+
         manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-        ae_src = manifest["autoencoder"]["source"]
-        dn_src = (manifest.get("denoiser") or {}).get("source")
+        ae_src = args.autoencoder or TorchGraph._bundled(manifest["autoencoder"]["source"])
+        dn_src = args.denoiser or ((manifest.get("denoiser") or {}).get("source") and
+                                   TorchGraph._bundled(manifest["denoiser"]["source"]))
         res = manifest["resolution"]
         out = args.out or str(Path(args.bundle) / f"reference-{args.device}.safetensors")
     else:

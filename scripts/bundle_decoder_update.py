@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--bn-crops", type=int, default=256)
     ap.add_argument("--report", type=Path, default=Path("docs/training/bundled-f64-update"))
     ap.add_argument("--dry-run", action="store_true", help="evaluate and report, install nothing")
+    ap.add_argument("--allow-new-latents", action="store_true",
+                    help="the run trained the encoder too: install anyway (retrain the denoiser and INT8 artifacts after)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
 
@@ -55,13 +57,14 @@ def main(argv=None):
     old, new = _load_ours(bundled), _load_ours(last / "model.safetensors")
     if old.config.to_dict() | {"scaling_factor": 0} != new.config.to_dict() | {"scaling_factor": 0}:
         sys.exit(f"{last} holds another architecture than the bundled {old.config.name}")
-    if latent_fingerprint(old) != latent_fingerprint(new):
+    new_latents = latent_fingerprint(old) != latent_fingerprint(new)
+    if new_latents and not args.allow_new_latents:
         sys.exit(f"{last} changed the encoder: the latent space (and the bundled denoiser trained on it) would "
-                 "no longer match; bundle it with scripts/train_bundled.py instead")
+                 "no longer match; pass --allow-new-latents and retrain what depends on it")
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     summary = summaries[-1]
 
-    # decoder BatchNorm statistics as exact averages over training crops (encoder has none: latents unchanged)
+    # decoder BatchNorm statistics as exact averages over training crops (the encoder has none)
     res = summary.get("resolution", 256)
     data = ImageFolder(args.train_data, min_side=min(res, 256))
     batches = [to_model_range(data.random_crops(16, res, step_generator(1234, i))[0]) for i in range(args.bn_crops // 16)]
@@ -82,7 +85,7 @@ def main(argv=None):
     args.report.with_suffix(".json").write_text(json.dumps({"runs": [str(r) for r in runs], "summaries": summaries,
                                                             "batchnorm_layers": n_bn, "rows": rows}, indent=1))
     lines = [f"Held-out photos (`{args.eval_data}`, centre crops): bundled `{bundled.name}` before and after "
-             "decoder-only training: " + ", then ".join(f"`{r}` ({s.get('steps')} steps at {s.get('resolution')}², "
+             + ("whole-model training (the latent space changed): " if new_latents else "decoder-only training: ") + ", then ".join(f"`{r}` ({s.get('steps')} steps at {s.get('resolution')}², "
                                                         f"{s.get('pixel_loss', 'l1')})" for r, s in zip(runs, summaries)) + ". "
              f"Command: `python {' '.join(['scripts/bundle_decoder_update.py'] + (argv or sys.argv[1:]))}`", "",
              "| res | before PSNR / SSIM | after PSNR / SSIM | thumbnail baseline PSNR / SSIM |", "|---|---|---|---|"]
@@ -100,6 +103,8 @@ def main(argv=None):
         history[args.note if len(summaries) == 1 else f"{args.note}_{i + 1}"] = s
     history[f"{args.note}_batchnorm"] = f"decoder BatchNorm statistics re-estimated over {args.bn_crops} training crops at {res}px"
     save_autoencoder(new, bundled, dtype=torch.float16, extra={"training": history})  # atomic
+    if new_latents:
+        print("the latent space changed: retrain the bundled denoiser (scripts/train_digits_cpu.sh) and the INT8 artifacts")
     print(f"installed {bundled} ({bundled.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -185,3 +185,45 @@ def test_page_shows_bundle_problems_and_keeps_working(web_bundle, tmp_path):
         server.shutdown()
     assert r["generate_disabled"] and "no denoiser" in r["generate_reason"]
     assert any("checksum" in msg for msg in r["messages"]), r["messages"]
+    assert r["backend"] == "wasm" and any("WebGPU was asked for" in msg for msg in r["messages"]), r["messages"]
+
+
+def test_server_refuses_what_it_must(web_bundle, tmp_path):
+    """Files outside the bundle or not in its manifest, and an .onnx over the 2 GB protobuf limit
+    (a sparse file here), each a JSON error the page shows."""
+    import urllib.error
+    import urllib.request
+
+    from runtimes.web.__main__ import serve_in_thread
+
+    b = tmp_path / "b"
+    shutil.copytree(web_bundle, b)
+    big = b / "vae_decoder" / "huge.onnx"
+    with open(big, "wb") as f:
+        f.truncate(2 * 1024**3 + 10)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["vae_decoder/huge.onnx"] = {"sha256": "0" * 64, "bytes": big.stat().st_size}
+    (b / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "secret.txt").write_text("x")
+    server, url = serve_in_thread(b)
+    try:
+        def get(path):
+            try:
+                with urllib.request.urlopen(url + path) as res:
+                    return res.status, res.headers, res.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read()
+
+        status, headers, _ = get("bundle/manifest.json")
+        assert status == 200 and headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        status, _, body = get("bundle/vae_decoder/huge.onnx")
+        assert status == 413 and "2 GB protobuf limit" in json.loads(body)["error"]
+        for path in ("bundle/../secret.txt", "bundle/%2e%2e/secret.txt", "bundle/vae_decoder/notlisted.onnx"):
+            status, _, body = get(path)
+            assert status in (403, 404) and "error" in json.loads(body), path
+        if (WEB / "node_modules").is_dir():
+            status, headers, _ = get("vendor/ort/ort-wasm-simd-threaded.wasm")
+            assert status == 200 and headers["Content-Type"] == "application/wasm"
+    finally:
+        server.shutdown()

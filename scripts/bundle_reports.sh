@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything the docs report about the bundled f64 (after its weights change): the bundle with
+# every artifact, INT8 reports, golden vectors, semantic parity per runtime, the torch reference
+# and parity table, and the benchmarks. Run on an idle machine (the benchmarks time things).
+set -euo pipefail
+B=${B:-exports/f64}
+python -m export.onnx --variant f64 --fp16 --out "$B"
+python -m export.openvino --variant f64 --out "$B"
+python -m calibration --bundle "$B" --backend onnxruntime
+python -m calibration --bundle "$B" --backend openvino
+python -m calibration --bundle "$B" --backend coreml --graphs vae_encoder vae_decoder || true  # Core ML weights: needs the package
+python -m export.mobile --bundle "$B"
+python -m export.golden --bundle "$B"
+rm -rf docs/calibration-f64 && mkdir -p docs/calibration-f64 && cp "$B"/calibration/* docs/calibration-f64/
+python -m runtimes.reference --bundle "$B" --device cpu --out .cache/f64-cpu.safetensors
+python -m runtimes.parity --bundle "$B" --reference .cache/f64-cpu.safetensors --out docs/parity-f64-cpu
+python -m runtimes.parity --bundle "$B" --semantic 8 --out docs/semantic-f64
+python -m dcae_edge.evaluate --generator --per-class 8 --out docs/generator-f64
+python scripts/bench_int8.py --bundle "$B" --out docs/bench_int8-f64 --store
+python -m runtimes.bench --bundle "$B" --out docs/bench-f64 --runs 10
+python scripts/bench_web.py --bundle "$B" --out docs/bench-web
+python scripts/bench_mobile.py --bundle "$B" --out docs/bench-mobile
