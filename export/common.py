@@ -245,6 +245,22 @@ def build_specs(ae, dn, res: int, graphs: list[str] | None, recipe: dict | None 
     return specs
 
 
+def release_unused_encoder(ae, specs: list[GraphSpec], res: int, dynamic: bool, trace_sizes=None) -> bool:
+    """Decoder-only exports: compute every photo-latent example the decoder spec will need (trace and
+    validation sizes), then drop the encoder's weights. At paper size the encoder is about a third
+    of the weights, and tracing + validating the decoder is what sets the peak memory."""
+    names = {s.name for s in specs}
+    if "vae_encoder" in names or "vae_decoder" not in names:
+        return False
+    dec = next(s for s in specs if s.name == "vae_decoder")
+    needed = [trace_sizes or export_sizes(dec, res, dynamic)] + validation_sizes(dec, res, dynamic)
+    for sizes in needed:
+        dec.trace_inputs(sizes)
+        dec.examples(sizes)
+    ae.encoder.to("meta")  # frees the storage; a later, uncached example would fail loudly, not silently
+    return True
+
+
 def export_sizes(spec: GraphSpec, res: int, dynamic: bool = False) -> dict[str, int]:
     """Example shapes to trace with. Dynamic graphs trace at batch 2: torch.export specialises
     dimensions that are 1 in the example (its 0/1 specialisation) and would freeze the batch."""

@@ -38,7 +38,8 @@ from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
-                     prepare_manifest, resolve_resolution, run_cli, summarize, validate, validation_sizes)
+                     prepare_manifest, release_unused_encoder, resolve_resolution, run_cli, summarize, validate,
+                     validation_sizes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
@@ -177,6 +178,9 @@ def main(argv=None):
     print(f"[export.openvino] {ae_info.get('release') or 'variant ' + args.variant} -> {out}")
     res = resolve_resolution(args, ae)
     specs = build_specs(ae, dn, res, args.graphs, (dn_info or {}).get("recipe"))
+    if release_unused_encoder(ae, specs, res, dynamic, trace_sizes=next(
+            (export_sizes(s, res) for s in specs if s.name == "vae_decoder"), None)):
+        print("  decoder only: photo latents computed up front, encoder weights released")
     print(f"  autoencoder {ae_info['name']} ({ae_info['source']}), {'dynamic' if dynamic else 'static'} shapes, {res}px, "
           f"{'fp16' if args.fp16_weights else 'fp32'} weights"
           + (f"; denoiser {dn_info['name']}" if dn_info else "; no denoiser"))

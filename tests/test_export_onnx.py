@@ -176,3 +176,20 @@ def test_dynamic_graph_refuses_sizes_that_flip_an_attention_branch(tmp_path):
     spec.check_shape_supported(448, 576)
     with pytest.raises(ValueError, match="switch attention branch"):
         spec.check_shape_supported(256, 256)  # 4x4 deepest stage: quadratic in torch
+
+
+def test_decoder_only_export_releases_the_encoder_after_computing_its_examples():
+    from export.common import build_specs, release_unused_encoder
+
+    model = make_model(tiny_edge_f64(), seed=0)
+    specs = build_specs(model, None, 128, ["vae_decoder"])
+    assert release_unused_encoder(model, specs, 128, dynamic=True)
+    assert all(p.is_meta for p in model.encoder.parameters())
+    dec = specs[0]
+    for sizes in [ex.export_sizes(dec, 128, True)] + ex.validation_sizes(dec, 128, True):
+        assert np.isfinite(dec.trace_inputs(sizes)["latent_sample"]).all()  # cached: no encoder needed
+        assert dec.reference(sizes)[0].shape[0] == sizes["batch"]
+    # an encoder export keeps its encoder
+    model2 = make_model(tiny_edge_f64(), seed=0)
+    assert not release_unused_encoder(model2, build_specs(model2, None, 128, None), 128, dynamic=True)
+    assert not any(p.is_meta for p in model2.encoder.parameters())
