@@ -69,15 +69,16 @@ def build_cache(cfg: DenoiserTrainConfig, path: Path, device) -> dict:
     data = ImageFolder(cfg.data, min_side=min(cfg.resolution, 256)).to(device)
     n = len(data) * cfg.crops_per_image
     latents, labels = [], []
+    amp = resolve_amp(cfg.amp, device)  # the training precision encodes too: a generator's data, not a reference
     for i in tqdm(range(0, n, 32), desc="encoding latent cache"):
         crops, lab = data.random_crops(min(32, n - i), cfg.resolution, step_generator(cfg.seed + 17, i),
                                        min_scale=cfg.crop_min_scale, flip=not cfg.no_flip)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             latents.append(ae.encode(to_model_range(crops)).float().cpu() * ae.scaling_factor)
         labels.append(lab)
     meta = {"format": "dcae-edge", "kind": "latent-cache", "autoencoder_source": cfg.autoencoder,
             "autoencoder_fingerprint": autoencoder_fingerprint(ae), "latent_fingerprint": latent_fingerprint(ae),
-            "scaling_factor": str(ae.scaling_factor),
+            "scaling_factor": str(ae.scaling_factor), "encoded_in": str(amp or torch.float32).replace("torch.", ""),
             "resolution": str(cfg.resolution), "class_names": json.dumps(data.classes), "data": cfg.data}
     atomic_save_safetensors({"latents": torch.cat(latents), "labels": torch.cat(labels)}, path, meta)
     return meta
