@@ -144,8 +144,20 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
     if not slow:
         print(f"    latency: INT8 is faster on all {len(rows)} timed quantized ops on this CPU", flush=True)
         return outcome
+    if len(slow) >= len(rows):
+        # nothing would be left in INT8 (seen on a Xeon whose bf16 float path beat every INT8 op of a
+        # tiny encoder): keep the accuracy-chosen graph, which is still a quarter of the weight bytes
+        print(f"    latency: no quantized op is faster in INT8 on this CPU ({len(rows)} timed); keeping the "
+              "accuracy-chosen INT8 graph for its size, prefer float here for speed", flush=True)
+        outcome.attempt.extra["int8_faster_nowhere"] = True
+        outcome.attempt.extra["layer_latency"] = [{**r, "int8": True} for r in rows]  # they run in INT8 in the saved graph
+        return outcome
     names = sorted(set(outcome.attempt.excluded) | set(slow))
-    attempt = backend.quantize(graph, names)
+    try:
+        attempt = backend.quantize(graph, names)
+    except CalibrationError as e:
+        print(f"    latency: that mix could not be built ({e}); keeping the accuracy-chosen INT8 graph", flush=True)
+        return outcome
     gate = evaluate(attempt)
     print(f"    latency: {len(slow)} of {len(rows)} quantized ops are no faster in INT8 on this CPU -> kept in float; "
           f"{describe(gate)}", flush=True)

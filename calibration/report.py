@@ -24,7 +24,8 @@ def _details(backend, results, calib, held) -> dict:
                 "rounds": [{"round": r["round"], "nodes_in_float": r["excluded"], "value": r["gate"]["value"],
                             "pass": r["gate"]["pass"], "seconds": r["seconds"]} for r in o.rounds],
                 "layer_latency": o.attempt.extra.get("layer_latency", []),
-                "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", [])}
+                "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", []),
+                "int8_faster_nowhere": bool(o.attempt.extra.get("int8_faster_nowhere"))}
             for g, o in results.items()}
 
 
@@ -64,6 +65,9 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                       f"ops take {sum(r[other] for r in rows):.1f} ms in {other[:-3]} and {int8_total:.1f} ms in the mix.", "",
                       f"| op | INT8 ms | {other[:-3]} ms | runs in |", "|---|---|---|---|"]
             lines += [f"| `{r['node']}` | {r['int8_ms']} | {r[other]} | {'INT8' if r['int8'] else other[:-3]} |" for r in rows]
+            if d.get("int8_faster_nowhere"):
+                lines += ["", f"No op was faster in INT8 than in {other[:-3]} on this CPU: the INT8 graph is kept for its "
+                          "size (int8 weights), and float is the faster choice here."]
     if png:
         lines += ["", "## Reconstructions", "", f"Rows: held-out photo, fp32, INT8, |INT8 - fp32| x {DIFF_GAIN}.", "",
                   f"![fp32 vs INT8]({Path(png).name})"]

@@ -165,6 +165,19 @@ def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir,
     assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & quantized_ops(ir)
     assert art["gate"]["pass"]
 
+    # a CPU whose float path beats INT8 on every op (a Xeon's bf16 on a tiny graph): the accuracy-chosen
+    # INT8 graph stays (it is still a quarter of the weight bytes) and the report says float is faster
+    def all_slow(self, graph, attempt):
+        _, rows = real(self, graph, attempt)
+        return [r["node"] for r in rows], [{**r, "int8": False} for r in rows]
+
+    monkeypatch.setattr(OpenVinoBackend, "latency_exclusions", all_slow)
+    assert calibrate(copy, "openvino", data_dir, "--graphs", "vae_decoder") == 0
+    art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
+    ir = ov.Core().read_model(str(copy / art["files"][0]))
+    assert quantized_ops(ir) and art["int8_faster_nowhere"] and not art.get("kept_float_for_speed")
+    assert "float is the faster choice here" in (copy / "calibration" / "openvino.md").read_text()
+
 
 def test_coreml_int8_weights(coreml_bundle, data_dir, capsys, tmp_path):
     copy = tmp_path / "bundle"
