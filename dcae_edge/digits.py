@@ -246,8 +246,38 @@ def build(out: Path, fonts_cache: Path, photos_dir: str, per_class: int, heldout
     return manifest
 
 
+def has_plain_background(path: str | Path) -> bool:
+    return has_plain_background_image(Image.open(path))
+
+
+def has_plain_background_image(image: Image.Image) -> bool:
+    """A plain colour or linear gradient behind the digit: the 2-px border strips (which the digit
+    never reaches) have almost no second differences; a photo crop has texture there."""
+    a = np.asarray(image.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR), np.float64)
+    strips = (a[:2], a[-2:], a[:, :2].transpose(1, 0, 2), a[:, -2:].transpose(1, 0, 2))
+    return max(float(np.abs(np.diff(s, 2, axis=1)).mean()) for s in strips) < 1.0
+
+
+def link_plain_subset(root: Path, split: str = "train") -> dict[str, int]:
+    """ROOT/SPLIT-plain: symlinks to the renders on plain / gradient backgrounds (the generator's
+    training set: photo backgrounds carry most of the latent variance, see docs/training.md)."""
+    src, dst = Path(root) / split, Path(root) / f"{split}-plain"
+    counts = {}
+    for d in CLASS_NAMES:
+        (dst / d).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / d).glob("*.jpg")):
+            if has_plain_background(f):
+                link = dst / d / f.name
+                if not link.exists():
+                    os.symlink(f.resolve(), link)
+                counts[d] = counts.get(d, 0) + 1
+    return counts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plain-subset", action="store_true",
+                    help="only link OUT/train-plain: the existing renders on plain / gradient backgrounds")
     ap.add_argument("--out", type=Path, default=Path("data/digits"))
     ap.add_argument("--fonts", type=Path, default=Path("data/fonts"), help="where font packages are unpacked (cache)")
     ap.add_argument("--photos", default="data/photos/train", help="background photos (training split only)")
@@ -258,6 +288,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.per_class < 1 or args.heldout_per_class < 0 or args.size < 64:
         ap.error("--per-class >= 1, --heldout-per-class >= 0 and --size >= 64 are required")
+    if args.plain_subset:
+        if not (args.out / "train").is_dir():
+            raise SystemExit(f"error: {args.out}/train does not exist; render the set first: python -m dcae_edge.digits --out {args.out}")
+        counts = link_plain_subset(args.out)
+        print(f"linked {sum(counts.values())} plain-background renders into {args.out}/train-plain: {counts}")
+        return
     try:
         m = build(args.out, args.fonts, args.photos, args.per_class, args.heldout_per_class, args.seed, args.size)
     except RuntimeError as e:

@@ -80,11 +80,21 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--stages", nargs="+", default=["export", "int8", "latency"],
+                    help="run only these stages; the others are taken from WORK/progress.json (the heavy exports and "
+                         "the calibration can run early, the latencies later on an idle CPU)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     work = Path(args.work)
-    report = {"cpu": cpu_name(), "threads": args.threads, "command": "python scripts/bench_official.py " + " ".join(sys.argv[1:]),
-              "rows": {}}
+    work.mkdir(parents=True, exist_ok=True)
+    progress = work / "progress.json"
+    report = json.loads(progress.read_text()) if progress.is_file() else {"rows": {}}
+    report.update({"cpu": cpu_name(), "threads": args.threads, "stages_run": {**report.get("stages_run", {}), **{
+        s: "python scripts/bench_official.py " + " ".join(sys.argv[1:]) for s in args.stages}}})
+    report["command"] = "; ".join(sorted(set(report["stages_run"].values())))
+
+    def save_progress():
+        progress.write_text(json.dumps(report, indent=1))
     from runtimes import open_bundle
 
     for lat in args.latents:
@@ -92,7 +102,8 @@ def main():
         bundle = work / f"bundle-{lat}"
         weights_gb = (folder / "model.safetensors").stat().st_size / 1e9
         row = report["rows"].setdefault(lat, {"release": RELEASE[lat], "file_gb": round(weights_gb, 2)})
-        graphs = ["transformer", "vae_decoder"] if lat == "f64" else ["transformer"]
+        graphs = ["transformer", "vae_decoder"] if lat == "f64" and "export" in args.stages else \
+            ["transformer"] if "export" in args.stages else []
         for graph in graphs:
             r = run_measured([sys.executable, "-m", "export.onnx", "--weights", str(folder), "--graphs", graph,
                               "--out", str(bundle)], cwd=ROOT)
@@ -105,15 +116,19 @@ def main():
                               "--out", str(bundle)], cwd=ROOT)
             row[f"openvino_export_{graph}"] = {k: r[k] for k in ("seconds", "peak_rss_gib", "returncode")}
             print(lat, graph, "openvino export", row[f"openvino_export_{graph}"], flush=True)
+            save_progress()
         m = json.loads((bundle / "manifest.json").read_text())
         dn_bytes = sum(v["bytes"] for k, v in m["files"].items() if k.startswith("transformer/model.onnx"))
         row["transformer_fp32_gb"] = round(dn_bytes / 1e9, 2)
         row["export_rss_over_weights"] = round(row["onnx_export_transformer"]["peak_rss_gib"] * 1.0737 / (dn_bytes / 1e9), 2)
-        if not args.skip_int8:
+        if not args.skip_int8 and "int8" in args.stages:
             r = run_measured([sys.executable, "-m", "calibration", "--bundle", str(bundle), "--backend", "openvino",
                               "--graphs", "transformer", "--num-samples", "60", "--num-eval", "30"], cwd=ROOT)
             row["int8_calibration"] = {k: r[k] for k in ("seconds", "peak_rss_gib", "returncode")}
             print(lat, "int8", row["int8_calibration"], r["output"][-600:], flush=True)
+            save_progress()
+        if "latency" not in args.stages:
+            continue
         lat_ms = {}
         for backend, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")):
             try:
@@ -141,6 +156,10 @@ def main():
                                           "sampling_s": round(t_sample, 2), "decode_s": round(t_decode, 2),
                                           "total_s": round(t_sample + t_decode, 2)}
             print("generation", row["generation_30_steps"], flush=True)
+        save_progress()
+    if "latency" not in args.stages:
+        print(f"stages {args.stages} done; run --stages latency on an idle CPU to finish the report")
+        return
     if "f64" in report["rows"] and "f32" in report["rows"]:
         f64, f32 = report["rows"]["f64"]["step_ms"], report["rows"]["f32"]["step_ms"]
         report["f32_over_f64_step"] = {k: round(f32[k] / f64[k], 2) for k in f64 if isinstance(f64.get(k), float)

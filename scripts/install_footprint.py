@@ -58,7 +58,11 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "python": sys.version.split()[0]}, indent=1))
-    lines = ["| install | site-packages MB | torch | `from runtimes import open_bundle` s | `import torch` s |", "|---|---|---|---|---|"]
+    from runtimes.precision import cpu_model
+
+    lines = ["# Install footprint", "", f"`python scripts/install_footprint.py --out {args.out}` on {cpu_model()} (2 cores), "
+             f"Python {sys.version.split()[0]}; import times are medians of 5 cold processes.", "",
+             "| install | site-packages MB | torch | `from runtimes import open_bundle` s | `import torch` s |", "|---|---|---|---|---|"]
     lines += [f"| {r['install']} | {r['site_packages_mb']} | {'yes' if r['torch'] else 'no'} | {r['import_runtimes_s']} | "
               f"{r['import_torch_s'] if r['import_torch_s'] is not None else '—'} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -35,6 +35,23 @@ def test_renderer_is_deterministic_and_split_by_font(tmp_path):
         digits.render_sample(0, "train", fonts, photos)
 
 
+def test_plain_background_subset_keeps_plain_renders_and_drops_photo_ones(tmp_path):
+    fonts = digits.matplotlib_fonts()
+    photos, _ = digits.load_background_photos(None)
+    for i in range(10):  # same seed, index and font: with no photos every background is a colour or a gradient
+        plain, _ = digits.render_sample(i, "heldout", fonts, [])
+        on_photo, _ = digits.render_sample(i, "heldout", fonts, photos)
+        (tmp_path / "train" / str(i)).mkdir(parents=True)
+        plain.save(tmp_path / "train" / str(i) / "plain.jpg", quality=92)
+        if not digits.has_plain_background_image(on_photo):  # 30% of photo-set renders are plain as well
+            on_photo.save(tmp_path / "train" / str(i) / "photo.jpg", quality=92)
+    photo_files = list((tmp_path / "train").glob("*/photo.jpg"))
+    assert len(photo_files) >= 4
+    counts = digits.link_plain_subset(tmp_path)
+    kept = {p.name for p in (tmp_path / "train-plain").glob("*/*.jpg")}
+    assert sum(counts.values()) == 10 and kept == {"plain.jpg"}
+
+
 @pytest.mark.skipif(not (WEIGHTS / "digit-judge.onnx").is_file(), reason="the digit judge is not bundled")
 def test_judge_reads_fresh_renders_of_held_out_fonts():
     from dcae_edge.judge import Judge, fresh_render_accuracy
