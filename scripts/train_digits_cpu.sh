@@ -9,6 +9,6 @@ OUT=${OUT:-runs/digits-f64}
 AE=${AE:-f64}
 DATA=${DATA:-data/digits/train}
 python -m dcae_edge.train_denoiser --autoencoder "$AE" --data "$DATA" --out "$OUT" --resolution 512 \
-  --crops-per-image 1 --crop-min-scale 1.0 --no-flip --model dit-tiny --hidden-size 192 --depth 6 \
+  --crops-per-image 1 --crop-min-scale 1.0 --no-flip --model ${MODEL:-dit-tiny} --hidden-size ${HIDDEN:-192} --depth ${DEPTH:-6} \
   --batch-size ${BATCH:-64} --steps ${STEPS:-4000} --lr 3e-4 --warmup 200 --amp bf16 --device cpu \
   --ckpt-every 250 --log-every 20 --recipe-steps ${RECIPE_STEPS:-20} --recipe-cfg ${RECIPE_CFG:-3.0} --recipe-solver heun

@@ -24,7 +24,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--photo", required=True, type=Path)
-    ap.add_argument("--classes", default="3, 1, 4, 1, 5, 9")
+    ap.add_argument("--classes", default="3, 1, 4, 1, 5, 9", help="'none': reconstruct only")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
     node, chromium = shutil.which("node"), shutil.which("chromium")
