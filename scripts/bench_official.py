@@ -143,10 +143,9 @@ def main():
         if lat == "f64":  # a whole generation at the fastest transformer precision, decoded by the paper decoder
             backend, precision = row["best"].split()
             pipe = open_bundle(bundle, backend, precision, threads=args.threads)
-            try:
-                dec, dec_name = open_bundle(bundle, "openvino", "bf16", threads=args.threads), "openvino bf16"
-            except Exception:  # noqa: BLE001 - no OpenVINO decoder in this bundle
-                dec, dec_name = open_bundle(bundle, "onnxruntime", "fp32", threads=args.threads), "onnxruntime fp32"
+            m_art = m["graphs"].get("vae_decoder", {}).get("artifacts", {})
+            dec_backend, dec_precision = ("openvino", "bf16") if "openvino/fp32" in m_art else ("onnxruntime", "fp32")
+            dec, dec_name = open_bundle(bundle, dec_backend, dec_precision, threads=args.threads), f"{dec_backend} {dec_precision}"
             from dcae_edge import schedules
 
             t = time.perf_counter()
