@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,18 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
+from runtimes.precision import cpu_model  # noqa: E402
 
 THREADS = 2
 # measured on this kind of machine for the paper-size f64c128 decoder at 512px (docs / issue)
 REFERENCE = {"vae_decoder@512 paper f64c128": {"openvino f32": 7900.0, "openvino bf16": 1460.0}}
-
-
-def cpu_name() -> str:
-    try:
-        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def pin_threads(n: int) -> list[int]:
@@ -212,7 +204,6 @@ def mark_auto(rows: list[dict], manifest: dict) -> dict:
 def store_timings(bundle: Path, timings: dict) -> None:
     """Keep these timings in the bundle for this CPU model: precision="auto" then needs no probe here."""
     from export.bundle import bundle_transaction, read_manifest, write_manifest
-    from runtimes.precision import cpu_model
 
     with bundle_transaction(bundle) as stage:
         m = read_manifest(stage)
@@ -269,7 +260,7 @@ def main(argv=None):
     if args.store:
         store_timings(args.bundle, timings)
     report = {"bundle": str(args.bundle), "variant": manifest.get("variant"), "resolution": manifest["resolution"],
-              "cpu": cpu_name(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats,
+              "cpu": cpu_model(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats,
               "versions": package_versions("onnxruntime", "openvino", "nncf"), "rows": rows, "reference": REFERENCE,
               "verdict": verdict(rows, manifest, args.target, args.max_loss),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,16 +30,15 @@ RELEASE = {"f64": "dc-ae-f64c128-in-1.0-uvit-h-in-512px", "f32": "dc-ae-f32c32-i
 
 
 def cpu_name() -> str:
+    """The CPU model with the ISA extensions that decide the fastest precision."""
+    from runtimes.precision import cpu_model
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = Path("/proc/cpuinfo").read_text()
-                isa = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f") if f" {f}" in flags]
-                return f"{name} ({', '.join(isa)})"
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return cpu_model()
+    isa = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f") if f" {f}" in flags]
+    return f"{cpu_model()} ({', '.join(isa)})"
 
 
 def write_random_release(folder: Path, latents: str) -> Path:
