@@ -13,7 +13,11 @@ bundle untouched.
 Exporter: TorchScript (default: on the edge f64 encoder the whole command takes 7.5 s instead of
 26.5 s with dynamo, whose torch.export tracing alone is ~17 s; onnxslim then leaves 397 nodes
 instead of 445; parity is the same) or torch's dynamo exporter (``--exporter dynamo``, opset >= 18).
-Graphs over 2 GB always use dynamo, which writes one external-data file (said, never silent).
+Large graphs (weights over ``--external-data-above``, default 1 GB; always over 2 GB) use dynamo,
+which streams the weights into one external-data file instead of building a protobuf copy of them:
+the TorchScript exporter peaked at 13.3 GiB on the 1.65 GB paper-size decoder. They skip the graph
+simplifier (it would load every weight; ONNX Runtime and OpenVINO fold the same constants at load)
+and validate after the torch weights are released (said, never silent).
 DC-AE's linear attention is written with clamp_min(eps), which the dynamo optimizer cannot fold
 (it deletes ``x + 1e-15`` and real photos then give NaN).
 """
@@ -60,7 +64,8 @@ def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
     return shapes
 
 
-def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str) -> dict:
+def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str,
+                 external_above: float = 1024**3) -> dict:
     import gc
 
     import torch
@@ -68,9 +73,10 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     feeds = spec.trace_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     params = sum(p.numel() * p.element_size() for p in spec.module.parameters())
-    external = params > TWO_GB * 0.9
-    if external and exporter == "torchscript":  # it would scatter weights over one file per tensor
-        notice(f"{spec.name}: {params / 1e9:.2f} GB of weights: exporting with dynamo, which writes one external-data file")
+    external = params > min(external_above, TWO_GB * 0.9)
+    if external and exporter == "torchscript":  # it would hold several protobuf copies of the weights
+        notice(f"{spec.name}: {params / 1e9:.2f} GB of weights: exporting with dynamo, which streams them into one "
+               "external-data file")
         exporter = "dynamo"
     t = time.perf_counter()
     log = io.StringIO()
@@ -110,6 +116,23 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
             "exporter": exporter}
 
 
+def weight_bytes(spec: GraphSpec) -> int:
+    return sum(p.numel() * p.element_size() for p in spec.module.parameters())
+
+
+def release_weights(spec: GraphSpec, specs: list[GraphSpec]) -> bool:
+    """Free a graph's torch weights once it is exported and its references are cached, unless a later
+    graph shares them. A later uncached reference would fail loudly on the meta device, never silently."""
+    later = {id(p) for s in specs[specs.index(spec) + 1:] for p in s.module.parameters()}
+    if any(id(p) in later for p in spec.module.parameters()):
+        return False
+    import gc
+
+    spec.module.to("meta")
+    gc.collect()
+    return True
+
+
 def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
     """Give graph inputs/outputs the spec's axis names (the exporters invent their own)."""
     by_name = {t.name: t for t in spec.inputs + spec.outputs}
@@ -137,13 +160,17 @@ def simplify(path: Path, tool: str) -> dict:
     """Graph simplification; returns node counts. Large (external-data) graphs are left as they are."""
     import onnx
 
+    if (path.parent / (path.name + ".data")).exists():  # count nodes without reading the weights
+        before = len(onnx.load(str(path), load_external_data=False).graph.node)
+        if tool != "none":
+            notice(f"{path.parent.name}: weights in external data, {tool} skipped (it would load them all); graph kept "
+                   "as exported, the runtimes fold its constants at load")
+        return {"simplifier": "none" if tool == "none" else "skipped (external data)", "nodes_before": before,
+                "nodes_after": before}
     model = onnx.load(str(path))
     before = len(model.graph.node)
     if tool == "none":
         return {"simplifier": "none", "nodes_before": before, "nodes_after": before}
-    if (path.parent / (path.name + ".data")).exists():
-        notice(f"{path.parent.name}: weights > 2 GB, {tool} skipped (protobuf limit); graph kept as exported")
-        return {"simplifier": "skipped (>2GB)", "nodes_before": before, "nodes_after": before}
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         if tool == "onnxslim":
@@ -274,6 +301,9 @@ def parse(argv=None):
                     help="torchscript (default: 3.5x faster here, fewer nodes, same parity) or dynamo (torch.export)")
     ap.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (validated: PSNR >= 40 dB)")
     ap.add_argument("--no-simplify", action="store_true")
+    ap.add_argument("--external-data-above", type=float, default=1024, metavar="MB",
+                    help="graphs with more weights than this export lean: dynamo streaming one external-data file, "
+                         "no simplifier, torch weights freed before validation (default 1024 MB; always above 2 GB)")
     ap.add_argument("--simplifier", choices=["onnxslim", "onnxsim"], default="onnxslim")
     return ap.parse_args(argv)
 
@@ -306,14 +336,21 @@ def main(argv=None):
             gdir.mkdir(exist_ok=True)
             path = gdir / "model.onnx"
             print(f"\n  [{spec.name}] exporting ...", flush=True)
-            info = export_graph(spec, path, export_sizes(spec, res, dynamic), dynamic, args.opset, args.exporter)
+            sizes = validation_sizes(spec, res, dynamic)
+            lean = weight_bytes(spec) > args.external_data_above * 1e6
+            if lean:  # torch outputs first, so the weights can go before ONNX Runtime loads its own copy
+                for vs in sizes:
+                    spec.reference(vs)
+            info = export_graph(spec, path, export_sizes(spec, res, dynamic), dynamic, args.opset, args.exporter,
+                                args.external_data_above * 1e6)
+            if lean and release_weights(spec, specs):
+                print("    torch weights released before validation (references computed up front)")
             import onnx
 
             onnx.checker.check_model(str(path))
             print(f"    -[✓] onnx.checker ({info['nodes_exported']} nodes, {info['seconds']} s)")
             info.update(simplify(path, "none" if args.no_simplify else args.simplifier))
             print(f"    -[✓] {info['simplifier']}: {info['nodes_before']} -> {info['nodes_after']} nodes")
-            sizes = validation_sizes(spec, res, dynamic)
             v = validate(spec, ort_runner(path), sizes, "fp32", "onnxruntime fp32")
             info.update(opset=args.opset, precision="fp32", validation=v)
             manifest["graphs"].setdefault(spec.name, {"artifacts": {}}).update(spec.to_manifest())

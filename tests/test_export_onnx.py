@@ -193,3 +193,20 @@ def test_decoder_only_export_releases_the_encoder_after_computing_its_examples()
     model2 = make_model(tiny_edge_f64(), seed=0)
     assert not release_unused_encoder(model2, build_specs(model2, None, 128, None), 128, dynamic=True)
     assert not any(p.is_meta for p in model2.encoder.parameters())
+
+
+def test_large_graphs_export_lean_with_external_data(tmp_path, tiny_f64_file, capsys):
+    """Above --external-data-above, a graph streams its weights into one .data file (dynamo), skips the
+    simplifier and validates after its torch weights are freed; forced here on a tiny model."""
+    out = tmp_path / "bundle"
+    cli(["--variant", "f64", "--weights", str(tiny_f64_file), "--out", str(out), "--resolution", "128", "--denoiser", "none",
+         "--graphs", "vae_decoder", "--external-data-above", "0"])
+    said = capsys.readouterr().out
+    assert "streams them into one external-data file" in said and "torch weights released" in said
+    m = json.loads((out / "manifest.json").read_text())
+    art = m["graphs"]["vae_decoder"]["artifacts"]["onnx/fp32"]
+    assert art["exporter"] == "dynamo" and art["external_data"] and art["simplifier"] == "skipped (external data)"
+    assert art["validation"]["pass"] and len(art["validation"]["results"]) == 2
+    assert "vae_decoder/model.onnx.data" in m["files"]
+    weights = onnx.load(str(out / "vae_decoder" / "model.onnx"), load_external_data=False).graph.initializer
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in weights) > 0
