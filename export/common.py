@@ -245,6 +245,26 @@ def build_specs(ae, dn, res: int, graphs: list[str] | None, recipe: dict | None 
     return specs
 
 
+LEAN_ABOVE_MB = 1024  # graphs with more weights export lean: no simplifier, torch weights freed before validation
+
+
+def weight_bytes(spec: GraphSpec) -> int:
+    return sum(p.numel() * p.element_size() for p in spec.module.parameters())
+
+
+def release_weights(spec: GraphSpec, specs: list[GraphSpec]) -> bool:
+    """Free a graph's torch weights once it is exported and its references are cached, unless a later
+    graph shares them. A later uncached reference would fail loudly on the meta device, never silently."""
+    later = {id(p) for s in specs[specs.index(spec) + 1:] for p in s.module.parameters()}
+    if any(id(p) in later for p in spec.module.parameters()):
+        return False
+    import gc
+
+    spec.module.to("meta")
+    gc.collect()
+    return True
+
+
 def release_unused_encoder(ae, specs: list[GraphSpec], res: int, dynamic: bool, trace_sizes=None) -> bool:
     """Decoder-only exports: compute every photo-latent example the decoder spec will need (trace and
     validation sizes), then drop the encoder's weights. At paper size the encoder is about a third

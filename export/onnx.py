@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
-                     prepare_manifest, release_unused_encoder, resolve_resolution, run_cli, summarize, validate,
-                     validation_sizes)
+from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes,
+                     load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
+                     run_cli, summarize, validate, validation_sizes, weight_bytes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
@@ -114,23 +114,6 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     gc.collect()
     return {"seconds": round(time.perf_counter() - t, 1), "external_data": external, "nodes_exported": nodes,
             "exporter": exporter}
-
-
-def weight_bytes(spec: GraphSpec) -> int:
-    return sum(p.numel() * p.element_size() for p in spec.module.parameters())
-
-
-def release_weights(spec: GraphSpec, specs: list[GraphSpec]) -> bool:
-    """Free a graph's torch weights once it is exported and its references are cached, unless a later
-    graph shares them. A later uncached reference would fail loudly on the meta device, never silently."""
-    later = {id(p) for s in specs[specs.index(spec) + 1:] for p in s.module.parameters()}
-    if any(id(p) in later for p in spec.module.parameters()):
-        return False
-    import gc
-
-    spec.module.to("meta")
-    gc.collect()
-    return True
 
 
 def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
@@ -301,7 +284,7 @@ def parse(argv=None):
                     help="torchscript (default: 3.5x faster here, fewer nodes, same parity) or dynamo (torch.export)")
     ap.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (validated: PSNR >= 40 dB)")
     ap.add_argument("--no-simplify", action="store_true")
-    ap.add_argument("--external-data-above", type=float, default=1024, metavar="MB",
+    ap.add_argument("--external-data-above", type=float, default=LEAN_ABOVE_MB, metavar="MB",
                     help="graphs with more weights than this export lean: dynamo streaming one external-data file, "
                          "no simplifier, torch weights freed before validation (default 1024 MB; always above 2 GB)")
     ap.add_argument("--simplifier", choices=["onnxslim", "onnxsim"], default="onnxslim")

@@ -37,9 +37,9 @@ import numpy as np
 from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
-                     prepare_manifest, release_unused_encoder, resolve_resolution, run_cli, summarize, validate,
-                     validation_sizes)
+from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes,
+                     load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
+                     run_cli, summarize, validate, validation_sizes, weight_bytes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
@@ -139,6 +139,7 @@ def validate_precisions(core, model, spec: GraphSpec, sizes_list: list[dict], fp
     v = validate(spec, run, sizes_list, "fp16" if fp16_weights else "fp32",
                  "openvino f32, fp16 weights" if fp16_weights else "openvino f32")
     latency = {"f32": median_ms(run, feeds)}
+    del run  # one compiled model at a time: at paper size each holds its own copy of the weights
     try:
         run, executed = ov_runner(core, model, spec, "bf16")
         if executed != "bf16":
@@ -193,10 +194,18 @@ def main(argv=None):
             gdir = stage / spec.name
             gdir.mkdir(exist_ok=True)
             sizes = export_sizes(spec, res)
+            vsizes = validation_sizes(spec, res, dynamic)
+            lean = weight_bytes(spec) > LEAN_ABOVE_MB * 1e6
+            if lean:  # torch outputs first, so the torch weights can go before OpenVINO compiles its own copy
+                for vs in vsizes:
+                    spec.reference(vs)
             print(f"\n  [{spec.name}] converting ...", flush=True)
             model, info = convert_graph(spec, sizes, dynamic)
             print(f"    -[✓] ov.convert_model ({info['ops']} ops, {info['seconds']} s)")
             files = save(model, gdir, args.fp16_weights)
+            del model
+            if lean and release_weights(spec, specs):
+                print("    torch weights released before validation (references computed up front)")
             saved = core.read_model(str(files[0]))
             check_signature(saved, spec, sizes, dynamic)
             info["runtime_options"] = read_runtime_options(saved, spec.name)
@@ -205,7 +214,7 @@ def main(argv=None):
             mb = sum(f.stat().st_size for f in files) / 1e6
             print(f"    -[✓] saved {files[0].name}/.bin ({mb:.2f} MB); names, types and shapes match the spec"
                   + (f"; rt_info runtime_options {info['runtime_options']}" if info["runtime_options"] else ""))
-            v, vb, latency = validate_precisions(core, saved, spec, validation_sizes(spec, res, dynamic), args.fp16_weights)
+            v, vb, latency = validate_precisions(core, saved, spec, vsizes, args.fp16_weights)
             info.update(precision="f32", weights="fp16" if args.fp16_weights else "fp32", validation=v,
                         validation_bf16=vb, latency_ms=latency, device="CPU")
             manifest["graphs"].setdefault(spec.name, {"artifacts": {}}).update(spec.to_manifest())
