@@ -133,11 +133,20 @@ def _luminance(rgb) -> float:
     return float(0.299 * r + 0.587 * g + 0.114 * b)
 
 
+STYLES = ("varied", "clean")
+
+
 def render_digit(font: FontFile, digit: int, rng: np.random.Generator, size: int = 512,
-                 photos: list[Image.Image] | None = None) -> tuple[Image.Image, dict]:
-    """One 512² image of ``digit`` in ``font``; every random choice comes from ``rng``."""
-    bg = _background(rng, size, photos or [])
-    target_h = size * rng.uniform(0.40, 0.75)
+                 photos: list[Image.Image] | None = None, style: str = "varied") -> tuple[Image.Image, dict]:
+    """One 512² image of ``digit`` in ``font``; every random choice comes from ``rng``. ``clean``:
+    dark ink on a plain light colour, large (55-70% of the height), near the centre, within ±5°: the
+    font's shape is most of what varies (a generator learns it in CPU hours; see docs/training.md)."""
+    if style not in STYLES:
+        raise ValueError(f"style {style!r}: expected one of {STYLES}")
+    clean = style == "clean"
+    bg = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3))) if clean \
+        else _background(rng, size, photos or [])
+    target_h = size * (rng.uniform(0.55, 0.70) if clean else rng.uniform(0.40, 0.75))
     probe = ImageFont.truetype(font.path, 200)
     box = probe.getbbox(str(digit))
     glyph_h = max(1, box[3] - box[1])
@@ -148,21 +157,25 @@ def render_digit(font: FontFile, digit: int, rng: np.random.Generator, size: int
     pad = 4 + stroke
     mask = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 0)
     ImageDraw.Draw(mask).text((pad - l, pad - t), str(digit), fill=255, font=f, stroke_width=stroke, stroke_fill=255)
-    aspect = rng.uniform(0.8, 1.2)  # narrower / wider lettering
+    aspect = rng.uniform(0.9, 1.1) if clean else rng.uniform(0.8, 1.2)  # narrower / wider lettering
     mask = mask.resize((max(1, int(mask.width * aspect)), mask.height), Image.Resampling.BICUBIC)
-    angle = float(rng.uniform(-15, 15))
+    angle = float(rng.uniform(-5, 5) if clean else rng.uniform(-15, 15))
     mask = mask.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
     if max(mask.size) > size - 16:  # never cut the digit off
         k = (size - 16) / max(mask.size)
         mask = mask.resize((max(1, int(mask.width * k)), max(1, int(mask.height * k))), Image.Resampling.BICUBIC)
-    x = int(rng.integers(8, size - mask.width - 8 + 1))
-    y = int(rng.integers(8, size - mask.height - 8 + 1))
+    if clean:  # centred within ±24 px
+        x = int(np.clip((size - mask.width) // 2 + rng.integers(-24, 25), 8, max(8, size - mask.width - 8)))
+        y = int(np.clip((size - mask.height) // 2 + rng.integers(-24, 25), 8, max(8, size - mask.height - 8)))
+    else:
+        x = int(rng.integers(8, size - mask.width - 8 + 1))
+        y = int(rng.integers(8, size - mask.height - 8 + 1))
     region = np.asarray(bg.crop((x, y, x + mask.width, y + mask.height)), np.float64)
     m = np.asarray(mask, np.float64) / 255.0
     under = (region * m[..., None]).sum((0, 1)) / max(m.sum(), 1.0)
     lum_bg = _luminance(under)
-    colour = None
-    for _ in range(30):  # a random colour that stands out from what lies under the digit
+    colour = rng.integers(0, 71, 3) if clean else None
+    for _ in range(0 if clean else 30):  # a random colour that stands out from what lies under the digit
         c = rng.integers(0, 256, 3)
         if abs(_luminance(c) - lum_bg) >= 0.4:
             colour = c
@@ -183,14 +196,14 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def render_sample(index: int, split: str, fonts: list[FontFile], photos: list[Image.Image], seed: int = 0,
-                  size: int = 512) -> tuple[Image.Image, dict]:
+                  size: int = 512, style: str = "varied") -> tuple[Image.Image, dict]:
     """Sample ``index`` of a split: digit ``index % 10``, font and everything else from (seed, split, index)."""
     pool = [f for f in fonts if f.split == split]
     if not pool:
         raise ValueError(f"no {split} fonts available (fetch them: python -m dcae_edge.digits --out ...)")
     rng = sample_rng(seed, split, index)
     font = pool[int(rng.integers(len(pool)))]
-    img, meta = render_digit(font, index % 10, rng, size, photos)
+    img, meta = render_digit(font, index % 10, rng, size, photos, style)
     return img, meta
 
 
@@ -213,11 +226,11 @@ def load_background_photos(folder: str | Path | None, max_side: int = 768) -> tu
 
 
 def build(out: Path, fonts_cache: Path, photos_dir: str, per_class: int, heldout_per_class: int, seed: int = 0,
-          size: int = 512, quality: int = 92) -> dict:
+          size: int = 512, quality: int = 92, style: str = "varied") -> dict:
     from tqdm import tqdm
 
     fonts = all_fonts(fonts_cache)
-    photos, photo_paths = load_background_photos(photos_dir)
+    photos, photo_paths = load_background_photos(photos_dir) if style == "varied" else ([], [])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -227,11 +240,11 @@ def build(out: Path, fonts_cache: Path, photos_dir: str, per_class: int, heldout
             for d in CLASS_NAMES:
                 (stage / split / d).mkdir(parents=True, exist_ok=True)
             for i in tqdm(range(n), desc=f"rendering {split}", dynamic_ncols=True):
-                img, _ = render_sample(i, split, fonts, photos, seed, size)
+                img, _ = render_sample(i, split, fonts, photos, seed, size, style)
                 img.save(stage / split / str(i % 10) / f"{i:06d}.jpg", quality=quality)
             counts[split] = n
         manifest = {
-            "seed": seed, "size": size, "counts": counts, "class_names": CLASS_NAMES,
+            "seed": seed, "size": size, "style": style, "counts": counts, "class_names": CLASS_NAMES,
             "heldout_packages": sorted(HELDOUT_PACKAGES | {"matplotlib"}),
             "fonts": [{"package": f.package, "file": f.file, "licence": f.licence, "split": f.split,
                        "sha256": hashlib.sha256(Path(f.path).read_bytes()).hexdigest()[:16]} for f in fonts],
@@ -285,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--heldout-per-class", type=int, default=100, help="held-out-font images per digit")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--style", choices=STYLES, default="varied",
+                    help="clean: dark ink on plain light colours, large and centred (the bundled generator's data)")
     args = ap.parse_args(argv)
     if args.per_class < 1 or args.heldout_per_class < 0 or args.size < 64:
         ap.error("--per-class >= 1, --heldout-per-class >= 0 and --size >= 64 are required")
@@ -295,7 +310,8 @@ def main(argv=None):
         print(f"linked {sum(counts.values())} plain-background renders into {args.out}/train-plain: {counts}")
         return
     try:
-        m = build(args.out, args.fonts, args.photos, args.per_class, args.heldout_per_class, args.seed, args.size)
+        m = build(args.out, args.fonts, args.photos, args.per_class, args.heldout_per_class, args.seed, args.size,
+                  style=args.style)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}: {m['counts']} images; fonts {m['font_counts']}")

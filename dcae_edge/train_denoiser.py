@@ -277,8 +277,20 @@ def parse_args(argv=None) -> DenoiserTrainConfig:
     return parse_dataclass_args(DenoiserTrainConfig, __doc__, argv)
 
 
+def check_config(cfg: DenoiserTrainConfig) -> None:
+    """Mistakes a user can make on the command line: said before any data is encoded."""
+    if cfg.time_sampling not in ("logit-normal", "uniform"):
+        raise SystemExit(f"error: --time-sampling {cfg.time_sampling!r}: expected logit-normal or uniform")
+    if cfg.time_shift <= 0:
+        raise SystemExit(f"error: --time-shift must be > 0, got {cfg.time_shift}")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise SystemExit(f"error: --init-from {cfg.init_from}: no such file")
+
+
 def main(argv=None):
-    train(parse_args(argv))
+    cfg = parse_args(argv)
+    check_config(cfg)
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,32 @@ def test_training_loss_decreases_on_real_photo_latents(setup, tmp_path):
     assert cache["latents"].shape[1:] == (128, 2, 2) and len(cache["labels"]) == 16
 
 
+def test_flow_time_sampling_reaches_the_high_noise_steps():
+    from dcae_edge import train_denoiser as TD
+
+    def share_above(**kw):  # fraction of training times at t > 0.9 (t = 1 is pure noise)
+        t = TD.sample_flow_time(TD.DenoiserTrainConfig(batch_size=20000, **kw), torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() <= 1
+        return float((t > 0.9).float().mean())
+
+    assert share_above() < 0.03 < 0.08 < share_above(time_sampling="uniform") < 0.12
+    assert share_above(time_shift=3.0) > 0.1
+    with pytest.raises(ValueError, match="time-sampling"):
+        share_above(time_sampling="cosine")
+
+
+def test_init_from_warm_starts_weights_with_a_fresh_run(setup, tmp_path):
+    from dcae_edge import train_denoiser as TD
+
+    TD.train(TD.parse_args(dn_args(setup, tmp_path / "a", 3)))
+    first = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    TD.train(TD.parse_args(dn_args(setup, tmp_path / "b", 0, "--init-from", str(tmp_path / "a" / "ckpt.pt"))))
+    warm = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert warm["step"] == 0 and all(torch.equal(first["ema"][k], warm["model"][k]) for k in first["ema"])
+    with pytest.raises(SystemExit, match="no such file"):
+        TD.main(dn_args(setup, tmp_path / "c", 1, "--init-from", str(tmp_path / "missing.pt")))
+
+
 def test_cache_from_another_autoencoder_is_refused(setup, tmp_path):
     from dcae_edge import train_denoiser as TD
 

@@ -52,6 +52,20 @@ def test_plain_background_subset_keeps_plain_renders_and_drops_photo_ones(tmp_pa
     assert sum(counts.values()) == 10 and kept == {"plain.jpg"}
 
 
+def test_clean_style_is_dark_ink_centred_on_a_plain_light_colour():
+    fonts = digits.matplotlib_fonts()
+    for i in range(10):
+        img, meta = digits.render_sample(i, "heldout", fonts, [], style="clean")
+        again, _ = digits.render_sample(i, "heldout", fonts, [], style="clean")
+        assert np.array_equal(np.asarray(img), np.asarray(again)) and meta["digit"] == i
+        a = np.asarray(img, np.float64)
+        x, y, w, h = meta["box"]
+        assert digits.has_plain_background_image(img) and a[:8].mean() >= 200 and max(meta["colour"]) <= 70
+        assert abs(x + w / 2 - 256) <= 40 and abs(y + h / 2 - 256) <= 40 and abs(meta["angle"]) <= 5
+    with pytest.raises(ValueError, match="style"):
+        digits.render_sample(0, "heldout", fonts, [], style="fancy")
+
+
 @pytest.mark.skipif(not (WEIGHTS / "digit-judge.onnx").is_file(), reason="the digit judge is not bundled")
 def test_judge_reads_fresh_renders_of_held_out_fonts():
     from dcae_edge.judge import Judge, fresh_render_accuracy
