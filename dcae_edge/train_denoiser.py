@@ -50,6 +50,7 @@ class DenoiserTrainConfig:
     prediction: str = "flow"         # flow | eps
     time_sampling: str = "logit-normal"  # flow t: logit-normal (SD3) | uniform (trains the high-noise steps that decide layout)
     time_shift: float = 1.0          # flow t -> s*t / (1 + (s-1)*t): s > 1 moves training toward noise (SD3 for large latents)
+    flow_skip: bool = False          # flow: the model adds c(t) * x_t to its output (see denoiser.flow_skip_scale)
     init_from: str = ""              # start from these weights (a ckpt.pt or model.safetensors), fresh optimizer
     hidden_size: int = 0             # 0 = preset
     depth: int = 0
@@ -149,6 +150,8 @@ def train(cfg: DenoiserTrainConfig) -> dict:
         overrides["hidden_size"] = cfg.hidden_size
     if cfg.depth:
         overrides["depth"] = cfg.depth
+    if cfg.flow_skip:
+        overrides["flow_skip"] = True
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model, **overrides).to(device).train()
     ema = EMA(model, cfg.ema_decay)

@@ -51,6 +51,8 @@ def main() -> None:
         overrides["hidden_size"] = key["hidden_size"]
     if key.get("depth"):
         overrides["depth"] = key["depth"]
+    if key.get("flow_skip"):
+        overrides["flow_skip"] = True
     model = build_denoiser(key["model"], **overrides).eval()
     model.load_state_dict(ck["model" if args.raw else "ema"])
     judge = Judge()

@@ -162,3 +162,21 @@ def test_unknown_preset():
     with pytest.raises(KeyError, match="dit-xl"):
         build_denoiser("dit-xxl")
     assert {"dit-tiny", "uvit-tiny", "uvit-h", "dit-xl"} <= set(DENOISER_PRESETS)
+
+
+def test_flow_skip_adds_the_linear_velocity_guess_and_survives_saving(tmp_path):
+    model = build_denoiser("uvit-tiny", input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=2,
+                           flow_skip=True).eval()
+    torch.nn.init.zeros_(model.net.decoder_pred.weight)
+    torch.nn.init.zeros_(model.net.decoder_pred.bias)  # the network says 0: what is left is the skip
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0.0, 500.0, 1000.0]), torch.tensor([0, 1, 3]))
+    torch.testing.assert_close(out[0], -x[0])
+    torch.testing.assert_close(out[2], x[2])
+    torch.testing.assert_close(out[1], torch.zeros_like(x[1]))
+    save_denoiser(model, tmp_path / "m.safetensors")
+    again, _ = load_denoiser(tmp_path / "m.safetensors")
+    assert again.config.flow_skip
+    with pytest.raises(ValueError, match="flow_skip"):
+        build_denoiser("uvit-tiny", prediction="eps", flow_skip=True)
