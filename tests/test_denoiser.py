@@ -121,11 +121,12 @@ def test_ddp_two_processes_keep_replicas_identical(setup, tmp_path):
     assert json.loads((tmp_path / "ddp.json").read_text()) == {"world": 2, "replicas_identical": True}
 
 
-def test_onnx_parity_on_trajectory_inputs(setup, tmp_path):
+@pytest.mark.parametrize("flow_skip", [False, True], ids=["plain", "flow-skip"])
+def test_onnx_parity_on_trajectory_inputs(setup, tmp_path, flow_skip):
     from export import onnx as ex
 
     d, photos, ae = setup
-    save_denoiser(tiny_denoiser(input_size=2, num_classes=2), tmp_path / "dn.safetensors")
+    save_denoiser(tiny_denoiser(input_size=2, num_classes=2, flow_skip=flow_skip), tmp_path / "dn.safetensors")
     ex.main(["--variant", "f64", "--weights", str(ae), "--denoiser", str(tmp_path / "dn.safetensors"), "--out",
              str(tmp_path / "b"), "--resolution", "128", "--graphs", "transformer"])
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
