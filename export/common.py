@@ -246,10 +246,17 @@ def build_specs(ae, dn, res: int, graphs: list[str] | None, recipe: dict | None 
 
 
 LEAN_ABOVE_MB = 1024  # graphs with more weights export lean: no simplifier, torch weights freed before validation
+TWO_GB = 2 * 1024**3  # protobuf's limit: larger graphs must keep their weights in external data
 
 
 def weight_bytes(spec: GraphSpec) -> int:
     return sum(p.numel() * p.element_size() for p in spec.module.parameters())
+
+
+def exports_lean(spec: GraphSpec, above_mb: float = LEAN_ABOVE_MB) -> bool:
+    """Whether a graph takes the lean path (external data, references first, torch weights freed):
+    above ``above_mb``, and always near protobuf's 2 GB limit."""
+    return weight_bytes(spec) > min(above_mb * 1e6, TWO_GB * 0.9)
 
 
 def release_weights(spec: GraphSpec, specs: list[GraphSpec]) -> bool:

@@ -35,13 +35,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
-from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes,
-                     load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
-                     run_cli, summarize, validate, validation_sizes, weight_bytes)
+from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out,
+                     export_sizes, exports_lean, load_models, notice, prepare_manifest, release_unused_encoder,
+                     release_weights, resolve_resolution, run_cli, summarize, validate, validation_sizes, weight_bytes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
-TWO_GB = 2 * 1024**3
 
 
 def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
@@ -65,15 +64,15 @@ def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
 
 
 def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str,
-                 external_above: float = 1024**3) -> dict:
+                 lean_above_mb: float = LEAN_ABOVE_MB) -> dict:
     import gc
 
     import torch
 
     feeds = spec.trace_inputs(sizes)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
-    params = sum(p.numel() * p.element_size() for p in spec.module.parameters())
-    external = params > min(external_above, TWO_GB * 0.9)
+    params = weight_bytes(spec)
+    external = exports_lean(spec, lean_above_mb)
     if external and exporter == "torchscript":  # it would hold several protobuf copies of the weights
         notice(f"{spec.name}: {params / 1e9:.2f} GB of weights: exporting with dynamo, which streams them into one "
                "external-data file")
@@ -320,12 +319,12 @@ def main(argv=None):
             path = gdir / "model.onnx"
             print(f"\n  [{spec.name}] exporting ...", flush=True)
             sizes = validation_sizes(spec, res, dynamic)
-            lean = weight_bytes(spec) > args.external_data_above * 1e6
+            lean = exports_lean(spec, args.external_data_above)
             if lean:  # torch outputs first, so the weights can go before ONNX Runtime loads its own copy
                 for vs in sizes:
                     spec.reference(vs)
             info = export_graph(spec, path, export_sizes(spec, res, dynamic), dynamic, args.opset, args.exporter,
-                                args.external_data_above * 1e6)
+                                args.external_data_above)
             if lean and release_weights(spec, specs):
                 print("    torch weights released before validation (references computed up front)")
             import onnx

@@ -37,9 +37,9 @@ import numpy as np
 from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
-from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes,
+from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, exports_lean,
                      load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
-                     run_cli, summarize, validate, validation_sizes, weight_bytes)
+                     run_cli, summarize, validate, validation_sizes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
@@ -195,7 +195,7 @@ def main(argv=None):
             gdir.mkdir(exist_ok=True)
             sizes = export_sizes(spec, res)
             vsizes = validation_sizes(spec, res, dynamic)
-            lean = weight_bytes(spec) > LEAN_ABOVE_MB * 1e6
+            lean = exports_lean(spec)
             if lean:  # torch outputs first, so the torch weights can go before OpenVINO compiles its own copy
                 for vs in vsizes:
                     spec.reference(vs)
