@@ -109,16 +109,12 @@ def sample_flow_time(cfg: DenoiserTrainConfig, g: torch.Generator) -> torch.Tens
         t = torch.rand(cfg.batch_size, generator=g)
     else:
         raise ValueError(f"--time-sampling {cfg.time_sampling!r}: expected logit-normal or uniform")
-    if cfg.time_shift <= 0:
-        raise ValueError(f"--time-shift must be > 0, got {cfg.time_shift}")
     return cfg.time_shift * t / (1 + (cfg.time_shift - 1) * t)
 
 
 def init_weights(model: nn.Module, ema, path: str) -> None:
     """Warm start: model and EMA from a training checkpoint's EMA or a model.safetensors (same architecture)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--init-from {path}: no such file")
+    p = Path(path)  # its existence is checked with the rest of the configuration (check_config)
     if p.suffix == ".pt":
         state = load_training_checkpoint(p)["ema"]
     else:
@@ -129,7 +125,34 @@ def init_weights(model: nn.Module, ema, path: str) -> None:
     ema.model.load_state_dict(unwrap(model).state_dict())
 
 
+class ConfigError(ValueError):
+    """A mistake in the training configuration, said before any data is encoded."""
+
+
+def check_config(cfg: DenoiserTrainConfig) -> None:
+    if cfg.time_sampling not in ("logit-normal", "uniform"):
+        raise ConfigError(f"--time-sampling {cfg.time_sampling!r}: expected logit-normal or uniform")
+    if cfg.time_shift <= 0:
+        raise ConfigError(f"--time-shift must be > 0, got {cfg.time_shift}")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"--init-from {cfg.init_from}: no such file")
+
+
+def denoiser_overrides(run: dict, channels: int, size: int, num_classes: int) -> dict:
+    """build_denoiser's arguments for a run's configuration (a DenoiserTrainConfig as a dict, e.g. a
+    checkpoint's run_key) on latents of ``channels`` x ``size`` x ``size``."""
+    overrides = dict(input_size=size, in_channels=channels, num_classes=num_classes, prediction=run["prediction"])
+    if run.get("hidden_size"):
+        overrides["hidden_size"] = run["hidden_size"]
+    if run.get("depth"):
+        overrides["depth"] = run["depth"]
+    if run.get("flow_skip"):
+        overrides["flow_skip"] = True
+    return overrides
+
+
 def train(cfg: DenoiserTrainConfig) -> dict:
+    check_config(cfg)
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
     if device.type == "cuda" and dist_info.world > 1:
@@ -145,13 +168,7 @@ def train(cfg: DenoiserTrainConfig) -> dict:
     class_names = json.loads(meta["class_names"])
     num_classes = 0 if cfg.unconditional else len(class_names)
     c, h, w = latents.shape[1:]
-    overrides = dict(input_size=h, in_channels=c, num_classes=num_classes, prediction=cfg.prediction)
-    if cfg.hidden_size:
-        overrides["hidden_size"] = cfg.hidden_size
-    if cfg.depth:
-        overrides["depth"] = cfg.depth
-    if cfg.flow_skip:
-        overrides["flow_skip"] = True
+    overrides = denoiser_overrides(dataclasses.asdict(cfg), c, h, num_classes)
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model, **overrides).to(device).train()
     ema = EMA(model, cfg.ema_decay)
@@ -280,20 +297,11 @@ def parse_args(argv=None) -> DenoiserTrainConfig:
     return parse_dataclass_args(DenoiserTrainConfig, __doc__, argv)
 
 
-def check_config(cfg: DenoiserTrainConfig) -> None:
-    """Mistakes a user can make on the command line: said before any data is encoded."""
-    if cfg.time_sampling not in ("logit-normal", "uniform"):
-        raise SystemExit(f"error: --time-sampling {cfg.time_sampling!r}: expected logit-normal or uniform")
-    if cfg.time_shift <= 0:
-        raise SystemExit(f"error: --time-shift must be > 0, got {cfg.time_shift}")
-    if cfg.init_from and not Path(cfg.init_from).is_file():
-        raise SystemExit(f"error: --init-from {cfg.init_from}: no such file")
-
-
 def main(argv=None):
-    cfg = parse_args(argv)
-    check_config(cfg)
-    train(cfg)
+    try:
+        train(parse_args(argv))
+    except ConfigError as e:  # only check_config raises it, before any work
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

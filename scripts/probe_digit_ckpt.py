@@ -24,6 +24,7 @@ from dcae_edge.denoiser import build_denoiser
 from dcae_edge.judge import Judge
 from dcae_edge.sample import default_recipe, generate_latents
 from dcae_edge.schedules import NUM_TRAIN_TIMESTEPS, with_solver
+from dcae_edge.train_denoiser import denoiser_overrides
 from dcae_edge.training_utils import load_training_checkpoint
 
 
@@ -46,14 +47,7 @@ def main() -> None:
         c, h, w = f.get_slice("latents").get_shape()[1:]
     scaling = float(latent_meta["scaling_factor"])
     n_cls = len(json.loads(latent_meta["class_names"]))
-    overrides = dict(input_size=h, in_channels=c, num_classes=n_cls, prediction=key["prediction"])
-    if key.get("hidden_size"):
-        overrides["hidden_size"] = key["hidden_size"]
-    if key.get("depth"):
-        overrides["depth"] = key["depth"]
-    if key.get("flow_skip"):
-        overrides["flow_skip"] = True
-    model = build_denoiser(key["model"], **overrides).eval()
+    model = build_denoiser(key["model"], **denoiser_overrides(key, c, h, n_cls)).eval()
     model.load_state_dict(ck["model" if args.raw else "ema"])
     judge = Judge()
     recipe = with_solver({**default_recipe(model), "steps": args.steps}, args.solver)
