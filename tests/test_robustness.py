@@ -397,10 +397,10 @@ def test_kill_during_calibration_keeps_the_bundle(copy, tmp_path):
             p.send_signal(signal.SIGKILL)
             killed += 1
         p.wait()
-        if p.returncode != 0:
-            assert snapshot(copy) == before
+        assert p.returncode == 0 or intact_or_committed(copy, before)
     assert killed >= 1
-    row("kill -9", "calibration killed mid-run", "bundle byte-identical")
+    row("kill -9", "calibration killed mid-run", "bundle byte-identical (or, killed after the commit rename, the "
+        "calibrated bundle complete with valid checksums)")
 
 
 def test_kill_during_training_resumes(tmp_path):
