@@ -238,6 +238,10 @@ def main(argv=None) -> int:
                                    runs, 1, args.threads)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+    from .precision import mark_auto
+
+    print("precision auto on these timings (the fastest gated artifact, batch 1; the denoiser at its CFG batch 2):")
+    mark_auto(rows, manifest, "p50_ms")
     e2e = end_to_end(rows, args.steps)
     report = {"bundle": str(args.bundle), "resolution": manifest["resolution"], "machine": machine(),
               "threads": args.threads, "runs": args.runs, "rows": rows, "end_to_end": e2e,
@@ -275,15 +279,18 @@ def to_markdown(report: dict) -> str:
              f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up; "
              "each configuration in its own process.", "", f"Command: `{report['command']}`", "",
              "Peak RSS is each configuration's own process; the runtime alone (interpreter, numpy, the runtime "
-             "library) is the base, so model + activations = peak - base. Load s = building the session.", "",
+             "library) is the base, so model + activations = peak - base. Load s = building the session. **auto** marks "
+             "what `precision=\"auto\"` picks per graph and backend on this CPU (the fastest artifact that passed its "
+             "gate, at batch 1; the denoiser at its CFG batch 2).", "",
              "| graph | backend | precision | batch | p50 ms | p90 ms | items/s | first run ms | load s | peak RSS MB | base MB | "
              "model MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = r["graph"] + (" (baseline)" if r.get("baseline") else "")
+        prec = r["precision"] + (" **auto**" if r.get("auto") else "")
         if "error" in r:
-            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | {r['backend']} | {prec} | {r['batch']} | error: {r['error']} | | | | | | | |")
         else:
-            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']} | {r['p90_ms']} | "
+            lines.append(f"| {name} | {r['backend']} | {prec} | {r['batch']} | {r['p50_ms']} | {r['p90_ms']} | "
                          f"{r.get('items_per_s', round(r['batch'] * 1000 / r['p50_ms'], 2))} | {r['first_ms']} | "
                          f"{r['load_s']} | {r['peak_rss_mb']} | {r.get('base_rss_mb', '')} | {r.get('model_rss_mb', '')} |")
     if report["end_to_end"]:

@@ -68,6 +68,38 @@ def choose(timings: dict[str, float], allowed: list[str]) -> tuple[str, str]:
     return best, f"{best} {usable[best]:.1f} ms" + (f" (vs {others})" if others else " (the only gated one)")
 
 
+# benchmark row labels -> the precision auto would load ("int8 (+f32)": OpenVINO INT8 with f32 for the rest)
+AUTO_NAMES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "int8": "int8", "int8 (+f32)": "int8", "fp16": "fp16"}
+
+
+def probe_batch(graph: str) -> int:
+    """The batch auto probes at (and benchmarks mark): one image, or the CFG pair for the denoiser."""
+    return 2 if graph == "transformer" else 1
+
+
+def mark_auto(rows: list[dict], manifest: dict, ms_key: str = "median_ms") -> dict:
+    """What precision="auto" picks per graph and backend from a benchmark's rows (its own rule: the
+    fastest gated artifact, at the probe batch); the chosen rows get ``auto: True``. Baseline rows and
+    other batches are ignored. Returns {backend: {graph: {precision: ms}}}, the form stored in bundles."""
+    timings: dict = {}
+    for r in rows:
+        p = AUTO_NAMES.get(r["precision"])
+        if r.get(ms_key) is None or p is None or r.get("baseline") or r.get("batch", probe_batch(r["graph"])) != probe_batch(r["graph"]):
+            continue
+        cur = timings.setdefault(r["backend"], {}).setdefault(r["graph"], {})
+        cur[p] = min(cur.get(p, float("inf")), r[ms_key])  # two rows of one precision: auto runs the faster
+    for backend, graphs in timings.items():
+        for graph, t in graphs.items():
+            best, why = choose(t, gated(manifest, graph, backend))
+            for r in rows:
+                if (r["graph"], r["backend"], AUTO_NAMES.get(r["precision"])) == (graph, backend, best) \
+                        and r.get(ms_key) == t[best] and not r.get("baseline") \
+                        and r.get("batch", probe_batch(graph)) == probe_batch(graph):
+                    r["auto"] = True
+            print(f"  auto: {graph} on {backend} -> {why}")
+    return timings
+
+
 def cache_path(manifest: dict, backend: str, fmt: str, threads: int | None) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcae-edge" / "precision"
     files = json.dumps(manifest.get("files", {}), sort_keys=True)

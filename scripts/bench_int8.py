@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
-from runtimes.precision import cpu_model  # noqa: E402
+from runtimes.precision import cpu_model, mark_auto  # noqa: E402
 
 THREADS = 2
 # measured on this kind of machine for the paper-size f64c128 decoder at 512px (docs / issue)
@@ -174,31 +174,6 @@ def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float) ->
     else:
         lines.append(f"Target missed: INT8 is {speedup:.2f}x bf16" + ("" if ok_loss else " and/or the loss budget is not met") + ".")
     return lines
-
-
-AUTO_NAMES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "int8": "int8", "int8 (+f32)": "int8", "fp16": "fp16"}
-
-
-def mark_auto(rows: list[dict], manifest: dict) -> dict:
-    """What precision="auto" picks per graph and backend from these timings (its own rule: the
-    fastest gated artifact); the chosen rows get ``auto: True``. Returns {backend: {graph: {p: ms}}}."""
-    from runtimes.precision import choose, gated
-
-    timings: dict = {}
-    for r in rows:
-        p = AUTO_NAMES.get(r["precision"])
-        if "median_ms" in r and p:  # int8 (+bf16) is what auto's int8 runs on a bf16 CPU: keep the faster int8
-            cur = timings.setdefault(r["backend"], {}).setdefault(r["graph"], {})
-            cur[p] = min(cur.get(p, float("inf")), r["median_ms"])
-    for backend, graphs in timings.items():
-        for graph, t in graphs.items():
-            best, why = choose(t, gated(manifest, graph, backend))
-            for r in rows:
-                if r["graph"] == graph and r["backend"] == backend and AUTO_NAMES.get(r["precision"]) == best \
-                        and r.get("median_ms") == t[best]:
-                    r["auto"] = True
-            print(f"  auto: {graph} on {backend} -> {why}")
-    return timings
 
 
 def store_timings(bundle: Path, timings: dict) -> None:

@@ -42,6 +42,23 @@ def test_a_graph_whose_gate_failed_is_never_picked():
     assert P.gated(ov, "vae_decoder", "openvino") == ["fp32", "int8"]
 
 
+def test_benchmarks_mark_what_auto_picks_at_its_probe_batch():
+    """runtimes.bench and scripts/bench_int8.py mark auto's choice with the same rule; a faster
+    artifact whose gate failed, a baseline or another batch is never marked."""
+    m = manifest_with({"fp32": True, "bf16": True, "int8": False}, "openvino")
+    rows = [{"graph": "vae_decoder", "backend": "openvino", "precision": p, "batch": b, "p50_ms": ms}
+            for p, b, ms in (("fp32", 1, 100.0), ("bf16", 1, 60.0), ("int8", 1, 30.0), ("fp32", 2, 150.0), ("bf16", 2, 90.0))]
+    rows.append({"graph": "vae_decoder", "backend": "openvino", "precision": "bf16", "batch": 1, "p50_ms": 1.0, "baseline": True})
+    timings = P.mark_auto(rows, m, "p50_ms")
+    assert [(r["precision"], r["batch"]) for r in rows if r.get("auto")] == [("bf16", 1)]
+    assert timings == {"openvino": {"vae_decoder": {"fp32": 100.0, "bf16": 60.0, "int8": 30.0}}}
+    m = manifest_with({"fp32": True, "bf16": True, "int8": True}, "openvino")
+    for r in rows:
+        r.pop("auto", None)
+    P.mark_auto(rows, m, "p50_ms")
+    assert [(r["precision"], r["batch"]) for r in rows if r.get("auto")] == [("int8", 1)]
+
+
 def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, monkeypatch, capsys):
     from dcae_edge.checkpoints import save_autoencoder
     from export.onnx import main
