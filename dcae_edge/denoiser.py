@@ -39,6 +39,7 @@ class DenoiserConfig:
     qkv_bias: bool = True           # DiT: True, U-ViT: False
     prediction: str = "flow"        # "flow" (velocity, rectified flow) | "eps" (DDPM noise)
     flow_skip: bool = False         # flow: output = network + c(t) * input, the best linear guess of the velocity
+    label_every_token: bool = False  # U-ViT: also add the class embedding to every patch token (released UViTs: off)
     name: str = "custom"
 
     def __post_init__(self):
@@ -54,6 +55,8 @@ class DenoiserConfig:
             raise ValueError("learn_sigma is a DiT option")
         if self.flow_skip and (self.prediction != "flow" or self.learn_sigma):
             raise ValueError("flow_skip is for flow prediction without learned variance")
+        if self.label_every_token and (self.arch != "uvit" or not self.num_classes):
+            raise ValueError("label_every_token is for a class-conditional U-ViT")
 
     @property
     def out_channels(self) -> int:
@@ -273,6 +276,8 @@ class UViT(nn.Module):
         cfg = self.config
         b, _, h, w = hidden_states.shape
         x = self.patch_embed(hidden_states)
+        if cfg.label_every_token:  # a small model reads one label token slowly; every token then carries it
+            x = x + self.label_emb(class_labels)[:, None]
         tokens = [timestep_embedding(timestep, cfg.hidden_size)[:, None].to(x.dtype), x]
         if self.label_emb is not None:
             tokens.insert(0, self.label_emb(class_labels)[:, None])

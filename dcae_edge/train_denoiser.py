@@ -51,6 +51,7 @@ class DenoiserTrainConfig:
     time_sampling: str = "logit-normal"  # flow t: logit-normal (SD3) | uniform (trains the high-noise steps that decide layout)
     time_shift: float = 1.0          # flow t -> s*t / (1 + (s-1)*t): s > 1 moves training toward noise (SD3 for large latents)
     flow_skip: bool = False          # flow: the model adds c(t) * x_t to its output (see denoiser.flow_skip_scale)
+    label_every_token: bool = False  # U-ViT: the class embedding added to every patch token too (a stronger class signal)
     init_from: str = ""              # start from these weights (a ckpt.pt or model.safetensors), fresh optimizer
     hidden_size: int = 0             # 0 = preset
     depth: int = 0
@@ -136,6 +137,9 @@ def check_config(cfg: DenoiserTrainConfig) -> None:
         raise ConfigError(f"--time-shift must be > 0, got {cfg.time_shift}")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ConfigError(f"--init-from {cfg.init_from}: no such file")
+    if cfg.label_every_token and ("uvit" not in cfg.model or cfg.unconditional):
+        raise ConfigError(f"--label-every-token is for a class-conditional U-ViT (--model uvit-...), got --model {cfg.model}"
+                          + (" --unconditional" if cfg.unconditional else ""))
 
 
 def denoiser_overrides(run: dict, channels: int, size: int, num_classes: int) -> dict:
@@ -146,8 +150,9 @@ def denoiser_overrides(run: dict, channels: int, size: int, num_classes: int) ->
         overrides["hidden_size"] = run["hidden_size"]
     if run.get("depth"):
         overrides["depth"] = run["depth"]
-    if run.get("flow_skip"):
-        overrides["flow_skip"] = True
+    for flag in ("flow_skip", "label_every_token"):
+        if run.get(flag):
+            overrides[flag] = True
     return overrides
 
 

@@ -98,6 +98,9 @@ def test_init_from_warm_starts_weights_with_a_fresh_run(setup, tmp_path):
     assert warm["step"] == 0 and all(torch.equal(first["ema"][k], warm["model"][k]) for k in first["ema"])
     with pytest.raises(SystemExit, match="no such file"):
         TD.main(dn_args(setup, tmp_path / "c", 1, "--init-from", str(tmp_path / "missing.pt")))
+    with pytest.raises(SystemExit, match="class-conditional U-ViT"):  # dn_args trains a DiT
+        TD.main(dn_args(setup, tmp_path / "d", 1, "--label-every-token"))
+    assert not (tmp_path / "d").exists()
 
 
 def test_cache_from_another_autoencoder_is_refused(setup, tmp_path):
@@ -121,12 +124,13 @@ def test_ddp_two_processes_keep_replicas_identical(setup, tmp_path):
     assert json.loads((tmp_path / "ddp.json").read_text()) == {"world": 2, "replicas_identical": True}
 
 
-@pytest.mark.parametrize("flow_skip", [False, True], ids=["plain", "flow-skip"])
-def test_onnx_parity_on_trajectory_inputs(setup, tmp_path, flow_skip):
+@pytest.mark.parametrize("options", [{}, {"flow_skip": True}, {"arch": "uvit", "flow_skip": True, "label_every_token": True}],
+                         ids=["plain", "flow-skip", "uvit-label-every-token"])
+def test_onnx_parity_on_trajectory_inputs(setup, tmp_path, options):
     from export import onnx as ex
 
     d, photos, ae = setup
-    save_denoiser(tiny_denoiser(input_size=2, num_classes=2, flow_skip=flow_skip), tmp_path / "dn.safetensors")
+    save_denoiser(tiny_denoiser(input_size=2, num_classes=2, **options), tmp_path / "dn.safetensors")
     ex.main(["--variant", "f64", "--weights", str(ae), "--denoiser", str(tmp_path / "dn.safetensors"), "--out",
              str(tmp_path / "b"), "--resolution", "128", "--graphs", "transformer"])
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -181,3 +185,26 @@ def test_flow_skip_adds_the_linear_velocity_guess_and_survives_saving(tmp_path):
     assert again.config.flow_skip
     with pytest.raises(ValueError, match="flow_skip"):
         build_denoiser("uvit-tiny", prediction="eps", flow_skip=True)
+
+
+def test_label_every_token_reaches_every_patch_token_and_survives_saving(tmp_path):
+    """With the class embedding on every patch token, the class changes the output even when no
+    attention reads the label token (here: attention output projections zeroed)."""
+    kw = dict(input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=2)
+    model = build_denoiser("uvit-tiny", label_every_token=True, **kw).eval()
+    plain = build_denoiser("uvit-tiny", **kw).eval()
+    plain.load_state_dict(model.state_dict())
+    for m in (model, plain):
+        torch.nn.init.normal_(m.net.label_emb.embedding_table.weight)
+        for blk in [*m.net.in_blocks, m.net.mid_block, *m.net.out_blocks]:
+            torch.nn.init.zeros_(blk.attn.proj.weight)
+    plain.load_state_dict(model.state_dict())
+    x, t = torch.randn(1, 8, 4, 4).expand(2, 8, 4, 4), torch.full((2,), 500.0)  # one latent, two classes
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([0, 1])), plain(x, t, torch.tensor([0, 1]))
+    assert (a[0] - a[1]).abs().max() > 1e-3 and (b[0] - b[1]).abs().max() < 1e-6
+    save_denoiser(model, tmp_path / "m.safetensors")
+    again, _ = load_denoiser(tmp_path / "m.safetensors")
+    assert again.config.label_every_token
+    with pytest.raises(ValueError, match="class-conditional U-ViT"):
+        build_denoiser("dit-tiny", label_every_token=True, **kw)
