@@ -311,7 +311,12 @@ def validation_sizes(spec: GraphSpec, res: int, dynamic: bool) -> list[dict[str,
     # paper-size graphs (hundreds of millions of weights) check the unseen size at batch 1: each
     # image costs seconds and gigabytes there, and the small models' checks cover dynamic batches
     large = sum(p.numel() for p in spec.module.parameters()) > 2e8
-    for h, w in ((unit - step, unit + step), (unit + step, unit + 2 * step), (unit + 2 * step, unit + step), (unit + step, unit + step)):
+    candidates = [(unit - step, unit + step), (unit + step, unit + 2 * step), (unit + 2 * step, unit + step), (unit + step, unit + step)]
+    if large:  # the smallest non-square size on the same branches: as good a check, a fraction of the time
+        cells = unit // step + 2
+        candidates = sorted(((a * step, b * step) for a in range(1, cells) for b in range(a + 1, min(2 * a, cells) + 1)),
+                            key=lambda hw: (hw[0] * hw[1], hw)) + candidates
+    for h, w in candidates:
         if h > 0 and w > 0 and spec.branch_pattern(h, w) == want:
             return [{**first, "batch": 1}, {"batch": 1 if large else 3, "height": h, "width": w}]
     notice(f"{spec.name}: no second resolution keeps the attention branches of {res}px; validated at one size only")

@@ -178,6 +178,26 @@ def test_dynamic_graph_refuses_sizes_that_flip_an_attention_branch(tmp_path):
         spec.check_shape_supported(256, 256)  # 4x4 deepest stage: quadratic in torch
 
 
+def test_paper_size_graphs_check_dynamic_shapes_at_a_small_unseen_size():
+    """Each paper-size image costs seconds and gigabytes: the unseen-size check uses the smallest
+    non-square size (aspect <= 2) whose attention stages keep their export branch."""
+    import torch
+
+    from dcae_edge.checkpoints import build_autoencoder
+
+    with torch.device("meta"):  # the architecture only: no 677 M weights in memory
+        ae = build_autoencoder("dc-ae-f64c128-in-1.0")
+    dec, enc = vae_decoder_spec(ae, 512), vae_encoder_spec(ae, 512)
+    assert ex.validation_sizes(dec, 512, True) == [{"batch": 1, "height": 8, "width": 8}, {"batch": 1, "height": 5, "width": 7}]
+    assert ex.validation_sizes(enc, 512, True)[1] == {"batch": 1, "height": 320, "width": 448}
+    for spec, (h, w) in ((dec, (5, 7)), (enc, (320, 448))):
+        spec.check_shape_supported(h, w)
+        with pytest.raises(ValueError, match="switch attention branch"):  # one cell smaller flips the deepest stage
+            spec.check_shape_supported(h - spec.meta["spatial_compression"] // spec.spatial_scale, w)
+    small = vae_decoder_spec(make_model(tiny_edge_f64()), 512)  # small models keep the batch-3 check near 512
+    assert ex.validation_sizes(small, 512, True)[1] == {"batch": 3, "height": 7, "width": 9}
+
+
 def test_decoder_only_export_releases_the_encoder_after_computing_its_examples():
     from export.common import build_specs, release_unused_encoder
 
