@@ -280,9 +280,8 @@ def release_unused_encoder(ae, specs: list[GraphSpec], res: int, dynamic: bool, 
     if "vae_encoder" in names or "vae_decoder" not in names:
         return False
     dec = next(s for s in specs if s.name == "vae_decoder")
-    needed = [trace_sizes or export_sizes(dec, res, dynamic)] + validation_sizes(dec, res, dynamic)
-    for sizes in needed:
-        dec.trace_inputs(sizes)
+    dec.trace_inputs(trace_sizes or export_sizes(dec, res, dynamic))  # a batch-2 trace repeats the batch-1 photo
+    for sizes in validation_sizes(dec, res, dynamic):
         dec.examples(sizes)
     ae.encoder.to("meta")  # frees the storage; a later, uncached example would fail loudly, not silently
     return True

@@ -203,12 +203,16 @@ def test_decoder_only_export_releases_the_encoder_after_computing_its_examples()
 
     model = make_model(tiny_edge_f64(), seed=0)
     specs = build_specs(model, None, 128, ["vae_decoder"])
+    encoded = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: encoded.append(inp[0].shape[0]))
     assert release_unused_encoder(model, specs, 128, dynamic=True)
     assert all(p.is_meta for p in model.encoder.parameters())
     dec = specs[0]
-    for sizes in [ex.export_sizes(dec, 128, True)] + ex.validation_sizes(dec, 128, True):
-        assert np.isfinite(dec.trace_inputs(sizes)["latent_sample"]).all()  # cached: no encoder needed
-        assert dec.reference(sizes)[0].shape[0] == sizes["batch"]
+    validation = ex.validation_sizes(dec, 128, True)
+    assert sum(encoded) == sum(v["batch"] for v in validation)  # the batch-2 trace input encodes nothing extra
+    assert np.isfinite(dec.trace_inputs(ex.export_sizes(dec, 128, True))["latent_sample"]).all()  # cached
+    for sizes in validation:  # cached: no encoder needed
+        assert np.isfinite(dec.examples(sizes)["latent_sample"]).all() and dec.reference(sizes)[0].shape[0] == sizes["batch"]
     # an encoder export keeps its encoder
     model2 = make_model(tiny_edge_f64(), seed=0)
     assert not release_unused_encoder(model2, build_specs(model2, None, 128, None), 128, dynamic=True)
