@@ -95,6 +95,8 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     import onnx
 
     del args
+    if exporter == "dynamo":
+        forget_rewriter_graphs()
     gc.collect()  # the exported program and the exporter's IR: gone before the proto is read
     external = external or (path.parent / (path.name + ".data")).exists()
     # the graph only: weights in external data stay on disk (never a second in-memory copy)
@@ -113,6 +115,27 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
     gc.collect()
     return {"seconds": round(time.perf_counter() - t, 1), "external_data": external, "nodes_exported": nodes,
             "exporter": exporter}
+
+
+def forget_rewriter_graphs() -> int:
+    """onnxscript's rewrite rules are module-level objects that keep the last graph they matched
+    (onnxscript 0.7: ``SimplePatternMatcher._graph``, ``_match``, ...), and through its initializers every
+    torch weight of the exported module: ``release_weights`` could not free them (paper decoder: 1.65 GB
+    stayed resident through validation). Drops those references; returns how many."""
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to drop
+        return 0
+    dropped = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if getattr(obj, attr, None) is not None:
+                    setattr(obj, attr, None)
+                    dropped += 1
+    return dropped
 
 
 def _name_axes(model, spec: GraphSpec, dynamic: bool) -> None:
