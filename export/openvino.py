@@ -7,7 +7,10 @@ Writes DIR/{vae_encoder,vae_decoder,transformer}/openvino_model.xml/.bin (optimu
 into the same bundle as export.onnx: same weights and shapes keep the ONNX artifacts already there.
 Graphs come from the shared GraphSpecs (names, axes, tolerances are never re-declared here):
 ``ov.convert_model`` traces the torch wrapper, inputs get the spec's names, types and shapes
-(-1 for the spec's symbolic axes unless --static), outputs the spec's names.
+(-1 for the spec's symbolic axes unless --static), outputs the spec's names. Graphs with more than
+``--lean-above`` MB of weights (default 1 GB) convert through a temporary ONNX file of the same spec
+(dynamo, external data) once their torch references are computed and their weights freed: tracing
+inside ov.convert_model holds about two extra copies of the weights.
 
 Validation reads the saved IR back and runs it on the CPU plugin twice:
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shutil
 import statistics
 import time
 import warnings
@@ -39,7 +43,7 @@ from dcae_edge.timing import time_calls
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, exports_lean,
                      load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
-                     run_cli, summarize, validate, validation_sizes)
+                     LEAN_ABOVE_MB, run_cli, summarize, validate, validation_sizes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 
@@ -53,19 +57,23 @@ def expected_shape(t, sizes: dict, dynamic: bool) -> list[int]:
     return [-1 if dynamic and isinstance(d, str) else s for d, s in zip(t.dims, t.shape_for(sizes))]
 
 
-def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool):
-    """Trace the torch wrapper; inputs take the spec's names, types and shapes, outputs its names."""
+def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool, onnx_file: Path | None = None):
+    """Trace the torch wrapper (or read ``onnx_file``, the same spec exported by export.onnx); inputs
+    take the spec's names, types and shapes, outputs its names."""
     import openvino as ov
     import torch
 
-    feeds = spec.trace_inputs(sizes)
-    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     inputs = [(t.name, ov.PartialShape(expected_shape(t, sizes, dynamic)), ov.Type(np.dtype(t.dtype))) for t in spec.inputs]
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # torch.jit.trace deprecation, tracer warnings on the attention branch
-            model = ov.convert_model(spec.module, example_input=args, input=inputs)
+            if onnx_file is not None:
+                model = ov.convert_model(str(onnx_file), input=inputs)
+            else:
+                feeds = spec.trace_inputs(sizes)
+                args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+                model = ov.convert_model(spec.module, example_input=args, input=inputs)
     except Exception as e:  # noqa: BLE001 - report the converter's first line, not its traceback
         raise ExportError(f"{spec.name}: ov.convert_model failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     # exact names: tracing can attach internal names (e.g. 't', '56') to an input tensor
@@ -74,6 +82,20 @@ def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool):
     for key, value in RUNTIME_OPTIONS.get(spec.name, {}).items():
         model.set_rt_info(value, ["runtime_options", key])
     return model, {"seconds": round(time.perf_counter() - t0, 1), "ops": len(model.get_ops())}
+
+
+def onnx_for_conversion(spec: GraphSpec, folder: Path, sizes: dict, dynamic: bool) -> Path:
+    """Large graphs: the spec exported to ONNX by dynamo, weights streamed to one external-data file.
+    Tracing the torch module inside ov.convert_model holds about two more copies of the weights
+    (5.3 GiB peak for the 1.65 GB paper decoder); OpenVINO's ONNX reader needs one, and the torch
+    weights can go before it runs."""
+    from .onnx import export_graph
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    info = export_graph(spec, path, sizes, dynamic, opset=18, exporter="dynamo", lean_above_mb=0)
+    print(f"    -[✓] through ONNX: dynamo, external data ({info['nodes_exported']} nodes, {info['seconds']} s)", flush=True)
+    return path
 
 
 def check_signature(model, spec: GraphSpec, sizes: dict, dynamic: bool) -> None:
@@ -163,6 +185,10 @@ def parse(argv=None):
     add_common_args(ap)
     ap.add_argument("--fp16-weights", action="store_true",
                     help="store weights as fp16 (half the .bin; the CPU still computes in f32/bf16)")
+    ap.add_argument("--lean-above", type=float, default=LEAN_ABOVE_MB, metavar="MB",
+                    help="graphs with more weights (default: %(default)s MB) convert through a temporary ONNX file "
+                         "(dynamo, external data) after their torch references are computed and their torch weights "
+                         "freed: a fraction of the memory of tracing inside ov.convert_model")
     return ap.parse_args(argv)
 
 
@@ -195,17 +221,21 @@ def main(argv=None):
             gdir.mkdir(exist_ok=True)
             sizes = export_sizes(spec, res)
             vsizes = validation_sizes(spec, res, dynamic)
-            lean = exports_lean(spec)
-            if lean:  # torch outputs first, so the torch weights can go before OpenVINO compiles its own copy
+            lean = exports_lean(spec, args.lean_above)
+            if lean:  # torch outputs first, so the torch weights can go before OpenVINO reads its own copy
                 for vs in vsizes:
                     spec.reference(vs)
             print(f"\n  [{spec.name}] converting ...", flush=True)
-            model, info = convert_graph(spec, sizes, dynamic)
+            via = gdir / ".onnx-for-conversion"
+            onnx_file = onnx_for_conversion(spec, via, sizes, dynamic) if lean else None
+            if lean and release_weights(spec, specs):
+                print("    torch weights released before conversion (references computed up front)")
+            model, info = convert_graph(spec, sizes, dynamic, onnx_file)
+            info["converted_from"] = "onnx (dynamo, external data)" if lean else "torch (traced)"
             print(f"    -[✓] ov.convert_model ({info['ops']} ops, {info['seconds']} s)")
             files = save(model, gdir, args.fp16_weights)
             del model
-            if lean and release_weights(spec, specs):
-                print("    torch weights released before validation (references computed up front)")
+            shutil.rmtree(via, ignore_errors=True)
             saved = core.read_model(str(files[0]))
             check_signature(saved, spec, sizes, dynamic)
             info["runtime_options"] = read_runtime_options(saved, spec.name)
