@@ -129,12 +129,14 @@ def forget_rewriter_graphs() -> int:
     except ImportError:  # another onnxscript layout: nothing known to drop
         return 0
     dropped = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
-            for attr in ("_graph", "_current_node", "_match", "_tracer"):
-                if getattr(obj, attr, None) is not None:
-                    setattr(obj, attr, None)
-                    dropped += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on every live object pokes deprecated torch aliases
+        matchers = [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]
+    for obj in matchers:
+        for attr in ("_graph", "_current_node", "_match", "_tracer"):
+            if getattr(obj, attr, None) is not None:
+                setattr(obj, attr, None)
+                dropped += 1
     return dropped
 
 
