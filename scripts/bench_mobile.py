@@ -2,7 +2,7 @@
 ORT-format runtime (.ort) and ExecuTorch (.pte), per precision, at 512² and tiled 1024², 2048², 4096².
 
     python scripts/bench_mobile.py --bundle exports/f64 --out docs/bench-mobile
-    python scripts/bench_mobile.py --bundle .cache/paper-dec --resolutions 512 1024 --formats ort --out docs/bench-mobile-paper
+    python scripts/bench_mobile.py --bundle /tmp/paper --resolutions 512 2048 --formats onnx --out docs/bench-tiled-f64c128-paper
 
 Each configuration runs in its own process (numpy + the runtime only); its peak RSS comes from
 os.wait4, and the same process with nothing loaded gives the base (interpreter + runtime library).
@@ -75,13 +75,15 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Decoder memory through the phone runtimes ({report['decoder']})", "",
-             f"CPU: {report['cpu']} (the same runtimes as on a phone, built for x86: memory, not speed, carries over). "
+    phone = set(args.formats) <= {"ort", "pte"}
+    lines = [f"# Decoder memory through the {'phone ' if phone else ''}runtimes ({report['decoder']})", "",
+             f"CPU: {report['cpu']}" + (" (the same runtimes as on a phone, built for x86: memory, not speed, carries over). "
+                                         if phone else ". ") +
              f"Bundle resolution {report['bundle_resolution']}²: larger images decode in overlapping tiles of it. "
              f"Command: `{report['command']}`", "",
              "| runtime | precision | artifact MB | image | peak RSS MB | runtime alone MB | decode s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = {"ort": "ORT format (.ort)", "pte": "ExecuTorch (.pte, XNNPACK)"}.get(r["format"], r["format"])
+        name = {"ort": "ORT format (.ort)", "pte": "ExecuTorch (.pte, XNNPACK)", "onnx": "ONNX Runtime (.onnx)"}.get(r["format"], r["format"])
         img = f"{r['resolution']}²" + (" tiled" if r["tiled"] else "")
         lines.append(f"| {name} | {r['precision']} | {r['artifact_mb']} | {img} | "
                      f"{r['peak_rss_mb'] if not r['error'] else 'error: ' + r['error']} | {r['base_rss_mb']} | {r['seconds']} |")
