@@ -176,13 +176,13 @@ class TransformerGraph(_Module):
 
     def __init__(self, denoiser, keep_variance: bool = False):
         super().__init__()
-        self.net = denoiser.net
+        self.denoiser = denoiser  # its forward, not only its network: flow_skip / class_prior terms are part of the model
         self.channels = denoiser.config.in_channels
         self.conditional = denoiser.config.conditional
         self.drop_variance = denoiser.config.learn_sigma and not keep_variance
 
     def forward(self, hidden_states, timestep, class_labels):
-        out = self.net(hidden_states, timestep, class_labels if self.conditional else None)
+        out = self.denoiser(hidden_states, timestep, class_labels if self.conditional else None)
         # slice only when there is something to drop: a no-op slice exports as an `alias` node
         # that coremltools cannot convert
         return out[:, : self.channels] if self.drop_variance else out
