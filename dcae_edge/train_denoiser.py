@@ -52,6 +52,7 @@ class DenoiserTrainConfig:
     time_shift: float = 1.0          # flow t -> s*t / (1 + (s-1)*t): s > 1 moves training toward noise (SD3 for large latents)
     flow_skip: bool = False          # flow: the model adds c(t) * x_t to its output (see denoiser.flow_skip_scale)
     label_every_token: bool = False  # U-ViT: the class embedding added to every patch token too (a stronger class signal)
+    class_prior: bool = False        # with --flow-skip: a per-class mean latent (from the data) in the output, see denoiser.class_prior_scale
     init_from: str = ""              # start from these weights (a ckpt.pt or model.safetensors), fresh optimizer
     hidden_size: int = 0             # 0 = preset
     depth: int = 0
@@ -113,6 +114,16 @@ def sample_flow_time(cfg: DenoiserTrainConfig, g: torch.Generator) -> torch.Tens
     return cfg.time_shift * t / (1 + (cfg.time_shift - 1) * t)
 
 
+def init_class_means(model: nn.Module, latents: torch.Tensor, labels: torch.Tensor) -> None:
+    """--class-prior starts from the data: each class's mean latent, and the mean of all for the null class."""
+    with torch.no_grad():
+        means = model.class_means
+        for k in range(means.shape[0] - 1):
+            if (labels == k).any():
+                means[k] = latents[labels == k].float().mean(0)
+        means[-1] = latents.float().mean(0)
+
+
 def init_weights(model: nn.Module, ema, path: str) -> None:
     """Warm start: model and EMA from a training checkpoint's EMA or a model.safetensors (same architecture)."""
     p = Path(path)  # its existence is checked with the rest of the configuration (check_config)
@@ -121,6 +132,7 @@ def init_weights(model: nn.Module, ema, path: str) -> None:
     else:
         state, _ = read_safetensors(p)
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "class_means"]  # a run without --class-prior: the data's means stay
     if missing or unexpected:
         raise ValueError(f"--init-from {path}: another architecture (missing {missing[:4]}, unexpected {unexpected[:4]})")
     ema.model.load_state_dict(unwrap(model).state_dict())
@@ -137,6 +149,8 @@ def check_config(cfg: DenoiserTrainConfig) -> None:
         raise ConfigError(f"--time-shift must be > 0, got {cfg.time_shift}")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ConfigError(f"--init-from {cfg.init_from}: no such file")
+    if cfg.class_prior and (not cfg.flow_skip or cfg.unconditional or cfg.prediction != "flow"):
+        raise ConfigError("--class-prior needs --flow-skip (flow prediction) and class labels")
     if cfg.label_every_token and ("uvit" not in cfg.model or cfg.unconditional):
         raise ConfigError(f"--label-every-token is for a class-conditional U-ViT (--model uvit-...), got --model {cfg.model}"
                           + (" --unconditional" if cfg.unconditional else ""))
@@ -150,7 +164,7 @@ def denoiser_overrides(run: dict, channels: int, size: int, num_classes: int) ->
         overrides["hidden_size"] = run["hidden_size"]
     if run.get("depth"):
         overrides["depth"] = run["depth"]
-    for flag in ("flow_skip", "label_every_token"):
+    for flag in ("flow_skip", "label_every_token", "class_prior"):
         if run.get(flag):
             overrides[flag] = True
     return overrides
@@ -176,6 +190,8 @@ def train(cfg: DenoiserTrainConfig) -> dict:
     overrides = denoiser_overrides(dataclasses.asdict(cfg), c, h, num_classes)
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model, **overrides).to(device).train()
+    if cfg.class_prior:
+        init_class_means(model, latents, labels)
     ema = EMA(model, cfg.ema_decay)
     if dist_info.world > 1:
         model = nn.parallel.DistributedDataParallel(model, **(dict(device_ids=[device.index]) if device.type == "cuda" else {}))

@@ -124,13 +124,17 @@ def test_ddp_two_processes_keep_replicas_identical(setup, tmp_path):
     assert json.loads((tmp_path / "ddp.json").read_text()) == {"world": 2, "replicas_identical": True}
 
 
-@pytest.mark.parametrize("options", [{}, {"flow_skip": True}, {"arch": "uvit", "flow_skip": True, "label_every_token": True}],
-                         ids=["plain", "flow-skip", "uvit-label-every-token"])
+@pytest.mark.parametrize("options", [{}, {"flow_skip": True}, {"arch": "uvit", "flow_skip": True, "label_every_token": True},
+                                     {"arch": "uvit", "flow_skip": True, "class_prior": True}],
+                         ids=["plain", "flow-skip", "uvit-label-every-token", "uvit-class-prior"])
 def test_onnx_parity_on_trajectory_inputs(setup, tmp_path, options):
+    import onnxruntime as ort
+
     from export import onnx as ex
 
     d, photos, ae = setup
-    save_denoiser(tiny_denoiser(input_size=2, num_classes=2, **options), tmp_path / "dn.safetensors")
+    model = tiny_denoiser(input_size=2, num_classes=2, **options).eval()
+    save_denoiser(model, tmp_path / "dn.safetensors")
     ex.main(["--variant", "f64", "--weights", str(ae), "--denoiser", str(tmp_path / "dn.safetensors"), "--out",
              str(tmp_path / "b"), "--resolution", "128", "--graphs", "transformer"])
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -142,6 +146,15 @@ def test_onnx_parity_on_trajectory_inputs(setup, tmp_path, options):
     assert [t["name"] for t in m["graphs"]["transformer"]["inputs"]] == ["hidden_states", "timestep", "class_labels"]
     assert m["denoiser"]["class_names"] == [] and m["sampler"]["solver"]["name"] == "euler"
     assert "/" not in m["denoiser"]["source"]  # names, never this machine's paths
+    # against the torch model the sampler calls (its forward, flow_skip / class_prior terms included),
+    # not only against the export wrapper
+    g = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(3, 128, 2, 2, generator=g), torch.tensor([1000.0, 700.0, 50.0]), torch.tensor([0, 1, 2])
+    sess = ort.InferenceSession(str(tmp_path / "b" / "transformer" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"hidden_states": x.numpy(), "timestep": t.numpy(), "class_labels": y.numpy()})[0]
+    with torch.no_grad():
+        want = model(x, t, y).numpy()
+    assert np.abs(got - want).max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -185,6 +198,43 @@ def test_flow_skip_adds_the_linear_velocity_guess_and_survives_saving(tmp_path):
     assert again.config.flow_skip
     with pytest.raises(ValueError, match="flow_skip"):
         build_denoiser("uvit-tiny", prediction="eps", flow_skip=True)
+
+
+def test_class_prior_is_the_gaussian_velocity_and_starts_from_the_data_means(setup, tmp_path):
+    """With the network silent, output = c(t) x_t - s(t) mean[class]: x_t - mean at t = 1, -x_t at t = 0;
+    the trainer starts the means from the latent cache (null class: the mean of all)."""
+    from dcae_edge import train_denoiser as TD
+    from dcae_edge.denoiser import class_prior_scale
+
+    model = build_denoiser("uvit-tiny", input_size=4, in_channels=8, num_classes=3, hidden_size=32, depth=2,
+                           flow_skip=True, class_prior=True).eval()
+    torch.nn.init.zeros_(model.net.decoder_pred.weight)
+    torch.nn.init.zeros_(model.net.decoder_pred.bias)
+    torch.nn.init.normal_(model.class_means)
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        out = model(x, torch.tensor([1000.0, 0.0, 500.0]), torch.tensor([1, 3, 2]))
+    torch.testing.assert_close(out[0], x[0] - model.class_means[1])
+    torch.testing.assert_close(out[1], -x[1])
+    torch.testing.assert_close(out[2], -class_prior_scale(torch.tensor([500.0]), x)[0] * model.class_means[2])
+    save_denoiser(model, tmp_path / "m.safetensors")
+    again, _ = load_denoiser(tmp_path / "m.safetensors")
+    assert again.config.class_prior and torch.equal(again.class_means, model.class_means)
+    with pytest.raises(ValueError, match="class_prior needs flow_skip"):
+        build_denoiser("uvit-tiny", num_classes=3, class_prior=True)
+    # the trainer: means from the data, then training moves them
+    args = dn_args(setup, tmp_path / "run", 0, "--model", "uvit-tiny", "--flow-skip", "--class-prior")
+    TD.train(TD.parse_args(args))
+    from safetensors.torch import load_file
+
+    cache = load_file(str(tmp_path / "run" / "latents.safetensors"))
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    means = ck["model"]["class_means"]
+    torch.testing.assert_close(means[-1], cache["latents"].mean(0))
+    for k in cache["labels"].unique():
+        torch.testing.assert_close(means[k], cache["latents"][cache["labels"] == k].mean(0))
+    with pytest.raises(SystemExit, match="--class-prior needs --flow-skip"):
+        TD.main(dn_args(setup, tmp_path / "bad", 1, "--class-prior"))
 
 
 def test_label_every_token_reaches_every_patch_token_and_survives_saving(tmp_path):
