@@ -71,6 +71,21 @@ def intact_or_committed(bundle: Path, before: dict) -> bool:
     return True
 
 
+def kill_during(args_for, delays, bundle: Path, before: dict) -> int:
+    """Start ``python *args_for(delay)``, kill -9 it after each delay (unless done); after each, the bundle
+    is intact or committed. Returns how many runs were killed."""
+    killed = 0
+    for delay in delays:
+        p = subprocess.Popen([sys.executable, *args_for(delay)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait()
+        assert p.returncode == 0 or intact_or_committed(bundle, before)
+    return killed
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from dcae_edge.checkpoints import latent_fingerprint, save_autoencoder
@@ -363,16 +378,7 @@ def test_kill_during_export_keeps_the_old_bundle(models, copy):
     before = snapshot(copy)
     args = ["-m", "export.onnx", "--weights", str(models / "ae.safetensors"), "--denoiser", str(models / "dn.safetensors"),
             "--resolution", "128", "--out", str(copy), "--fp16"]
-    killed = 0
-    for delay in (3, 9):
-        p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
-        assert p.returncode == 0 or intact_or_committed(copy, before)
-    assert killed >= 1
+    assert kill_during(lambda delay: args, (3, 9), copy, before) >= 1
     stale = list(copy.parent.glob(f".{copy.name}.staging-*"))
     res = cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -386,19 +392,11 @@ def test_kill_during_export_keeps_the_old_bundle(models, copy):
 
 def test_kill_during_calibration_keeps_the_bundle(copy, tmp_path):
     before = snapshot(copy)
-    killed = 0
-    for delay in (2, 4):
-        p = subprocess.Popen([sys.executable, "-m", "calibration", "--bundle", str(copy), "--backend", "onnxruntime",
-                              "--graphs", "vae_decoder", "vae_encoder", "--cache-dir", str(tmp_path / f"sets{delay}"),
-                              "--num-samples", "16", "--num-eval", "4"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
-        assert p.returncode == 0 or intact_or_committed(copy, before)
-    assert killed >= 1
+    def args(delay):
+        return ["-m", "calibration", "--bundle", str(copy), "--backend", "onnxruntime", "--graphs", "vae_decoder",
+                "vae_encoder", "--cache-dir", str(tmp_path / f"sets{delay}"), "--num-samples", "16", "--num-eval", "4"]
+
+    assert kill_during(args, (2, 4), copy, before) >= 1
     row("kill -9", "calibration killed mid-run", "bundle byte-identical (or, killed after the commit rename, the "
         "calibrated bundle complete with valid checksums)")
 
