@@ -48,6 +48,18 @@ def _make_runner(kind: str, path: str, precision: str, threads: int):
     return OpenVinoGraph(Path(path), "CPU", "bf16" if precision == "bf16" else "f32", threads)
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux keeps ``ru_maxrss`` across fork + exec, so a child started
+    by a parent holding torch (~270 MB) would report the parent's peak; VmHWM starts fresh at exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _time_one(args) -> dict:
     """Child process: build the runner, warm up, time. Returns latencies, the RSS before loading
     (interpreter + runtime) and the peak."""
@@ -57,7 +69,7 @@ def _time_one(args) -> dict:
         import onnxruntime  # noqa: F401 - counted in the base RSS, not the model's
     else:
         import openvino  # noqa: F401
-    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_mb = peak_rss_mb()
     t = time.perf_counter()
     runner = _make_runner(kind, path, precision, threads)
     load_s = time.perf_counter() - t
@@ -67,7 +79,7 @@ def _time_one(args) -> dict:
     times = time_calls(lambda: runner.run(feeds), runs, max(0, warmup - 1))
     return {"load_s": round(load_s, 2), "first_ms": round(first_ms, 1), "p50_ms": round(statistics.median(times), 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "runs": runs, "base_rss_mb": round(base_mb, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def time_config(kind, path, precision, feeds, runs, warmup, threads) -> dict:
