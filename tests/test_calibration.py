@@ -124,7 +124,9 @@ def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
 
 
 def test_openvino_int8_fake_quantize(copy, data_dir):
-    assert calibrate(copy, "openvino", data_dir) == 0
+    # the quantizer itself: the latency pass (tested below with injected timings) may keep nearly every op
+    # of these tiny graphs in float on a busy or bf16-fast CPU (CI: 1 FakeQuantize left in the encoder)
+    assert calibrate(copy, "openvino", data_dir, "--no-latency-aware") == 0
     import openvino as ov
 
     m = manifest(copy)
