@@ -41,9 +41,9 @@ import numpy as np
 from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
-from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, exports_lean,
-                     load_models, notice, prepare_manifest, release_unused_encoder, release_weights, resolve_resolution,
-                     LEAN_ABOVE_MB, run_cli, summarize, validate, validation_sizes)
+from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes,
+                     exports_lean, load_models, notice, prepare_manifest, release_unused_encoder, release_weights,
+                     resolve_resolution, run_cli, summarize, validate, validation_sizes)
 if TYPE_CHECKING:
     from .specs import GraphSpec
 

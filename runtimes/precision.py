@@ -81,20 +81,18 @@ def mark_auto(rows: list[dict], manifest: dict, ms_key: str = "median_ms") -> di
     """What precision="auto" picks per graph and backend from a benchmark's rows (its own rule: the
     fastest gated artifact, at the probe batch); the chosen rows get ``auto: True``. Baseline rows and
     other batches are ignored. Returns {backend: {graph: {precision: ms}}}, the form stored in bundles."""
+    eligible = [r for r in rows if r.get(ms_key) is not None and r["precision"] in AUTO_NAMES and not r.get("baseline")
+                and r.get("batch", probe_batch(r["graph"])) == probe_batch(r["graph"])]
     timings: dict = {}
-    for r in rows:
-        p = AUTO_NAMES.get(r["precision"])
-        if r.get(ms_key) is None or p is None or r.get("baseline") or r.get("batch", probe_batch(r["graph"])) != probe_batch(r["graph"]):
-            continue
+    for r in eligible:
         cur = timings.setdefault(r["backend"], {}).setdefault(r["graph"], {})
+        p = AUTO_NAMES[r["precision"]]
         cur[p] = min(cur.get(p, float("inf")), r[ms_key])  # two rows of one precision: auto runs the faster
     for backend, graphs in timings.items():
         for graph, t in graphs.items():
             best, why = choose(t, gated(manifest, graph, backend))
-            for r in rows:
-                if (r["graph"], r["backend"], AUTO_NAMES.get(r["precision"])) == (graph, backend, best) \
-                        and r.get(ms_key) == t[best] and not r.get("baseline") \
-                        and r.get("batch", probe_batch(graph)) == probe_batch(graph):
+            for r in eligible:
+                if (r["graph"], r["backend"], AUTO_NAMES[r["precision"]], r[ms_key]) == (graph, backend, best, t[best]):
                     r["auto"] = True
             print(f"  auto: {graph} on {backend} -> {why}")
     return timings
