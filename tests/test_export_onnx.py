@@ -219,6 +219,24 @@ def test_decoder_only_export_releases_the_encoder_after_computing_its_examples()
     assert not any(p.is_meta for p in model2.encoder.parameters())
 
 
+def test_smaller_decoder_examples_are_windows_of_an_encoded_photo_latent():
+    """The paper-size check at 5x7 cells reuses the 8x8 latent of the 512px photo (a window of a real
+    latent): one encoder pass instead of two (~10 s at paper size). A larger size still encodes."""
+    from export.specs import vae_decoder_spec
+
+    model = make_model(tiny_edge_f64(), seed=0)
+    dec = vae_decoder_spec(model, 512)
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    full = dec.examples({"batch": 1, "height": 8, "width": 8})["latent_sample"]
+    window = dec.examples({"batch": 1, "height": 5, "width": 7})["latent_sample"]
+    assert len(calls) == 1 and window.shape[2:] == (5, 7) and window.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(window, full[:, :, 1:6, 0:7])
+    assert dec.examples({"batch": 1, "height": 9, "width": 9})["latent_sample"].shape[2:] == (9, 9)
+    assert dec.examples({"batch": 3, "height": 5, "width": 5})["latent_sample"].shape[0] == 3
+    assert len(calls) == 3  # another batch or a larger size: a real encoder pass
+
+
 def test_dynamo_export_leaves_no_reference_to_the_torch_weights(tmp_path):
     """After a dynamo export, releasing the module's weights frees them (onnxscript's rewrite rules
     kept the last graph they matched, and with it every weight: the paper decoder's 1.65 GB stayed)."""
