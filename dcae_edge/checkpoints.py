@@ -15,6 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -90,6 +91,12 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
             f"{source}: weights do not match the architecture"
             + block("missing keys", missing) + block("unexpected keys", unexpected) + block("mis-shaped keys", misshaped)
             + "\n  Check that the config (variant) matches the weights.")
+    if any(v.is_meta for v in expected.values()):  # built with no storage (see skeleton): the tensors become the weights
+        model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items() if k in state}, strict=False, assign=True)
+        for k in optional - state.keys():  # e.g. BatchNorm's num_batches_tracked
+            mod, _, leaf = k.rpartition(".")
+            model.get_submodule(mod)._buffers[leaf] = torch.zeros((), dtype=expected[k].dtype)
+        return
     for k, v in expected.items():
         if k in state:
             v.copy_(state[k].to(v.dtype))
@@ -242,6 +249,11 @@ def save_diffusers(model: DCAE, folder: str | os.PathLike) -> None:
     atomic_save_safetensors(ours_to_diffusers(model.state_dict()), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
 
 
+def _hashable(v: torch.Tensor) -> np.ndarray:
+    """A tensor's fp32 bytes as a buffer, without the copy ``tobytes`` makes (2.7 GB at paper size)."""
+    return np.ascontiguousarray(v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).numpy()).reshape(-1)
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Content hash of a model's config and weights (fp32): ties latent caches, denoisers, bundles
     and reference files to the exact weights that produced them."""
@@ -250,7 +262,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().numpy().tobytes())
+        h.update(_hashable(v))
     return h.hexdigest()[:16]
 
 
@@ -267,7 +279,7 @@ def latent_fingerprint(model: DCAE) -> str:
     h = hashlib.sha256(json.dumps({k: cfg[k] for k in sorted(keys)}, sort_keys=True).encode())
     for k, v in sorted(model.encoder.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().numpy().tobytes())
+        h.update(_hashable(v))
     return h.hexdigest()[:16]
 
 
@@ -299,12 +311,19 @@ def build_autoencoder(name_or_config: str | DCAEConfig | dict) -> DCAE:
     return DCAE(cfg).eval()
 
 
+def skeleton(cfg: DCAEConfig) -> DCAE:
+    """The architecture without storage, for loading: the checkpoint's tensors become its weights
+    (no random init that the checkpoint overwrites: ~10 s and a second copy of the weights at paper size)."""
+    with torch.device("meta"):
+        return DCAE(cfg)
+
+
 def _load_ours(path: Path) -> DCAE:
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT or metadata.get("kind", "autoencoder") != "autoencoder":
         raise CheckpointError(f"{path}: not a dcae-edge autoencoder checkpoint (no dcae-edge config in its metadata). "
                               "For diffusers or efficientvit weights pass the folder that holds config.json.")
-    model = DCAE(DCAEConfig.from_dict(json.loads(metadata["config"])))
+    model = skeleton(DCAEConfig.from_dict(json.loads(metadata["config"])))
     load_state_dict_strict(model, tensors, str(path))
     return model.eval()
 
@@ -321,7 +340,7 @@ def _load_diffusers(folder: Path, cfg: dict) -> DCAE:
         if isinstance(known.get(key), str):
             known[key] = (known[key],) * n
     known.setdefault("name", folder.name)
-    model = DCAE(DCAEConfig.from_dict(known))
+    model = skeleton(DCAEConfig.from_dict(known))
     weights = folder / "diffusion_pytorch_model.safetensors"
     tensors, _ = read_safetensors(weights)
     load_state_dict_strict(model, diffusers_to_ours(tensors), str(weights))
@@ -331,7 +350,7 @@ def _load_diffusers(folder: Path, cfg: dict) -> DCAE:
 def _load_efficientvit(folder: Path, cfg: dict) -> DCAE:
     name = cfg["model_name"]
     try:
-        model = DCAE(get_config(name))
+        model = skeleton(get_config(name))
     except KeyError:
         raise CheckpointError(f"{folder}: efficientvit model_name {name!r} is not a published DC-AE; "
                               f"known: {', '.join(sorted(PRESETS))}") from None

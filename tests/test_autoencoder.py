@@ -197,6 +197,21 @@ def test_our_checkpoint_round_trip_fp16_and_fp32(tmp_path, photos128):
     assert (tmp_path / "h.safetensors").stat().st_size < 0.6 * (tmp_path / "m.safetensors").stat().st_size
 
 
+def test_loading_builds_no_random_init_and_leaves_no_meta_tensor(tmp_path, photos128, monkeypatch):
+    """Checkpoints load into a storage-less skeleton: no random init the weights overwrite (10 s and a
+    second weight copy at paper size), every tensor real and trainable afterwards."""
+    model = make_model(tiny_sana(), seed=4)
+    save_autoencoder(model, tmp_path / "m.safetensors")
+    inits = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: inits.append(t) or t)
+    back = load_autoencoder(tmp_path / "m.safetensors")
+    assert inits and all(t.is_meta for t in inits)  # init ran on storage-less tensors only: no work
+    assert not any(t.is_meta for t in list(back.parameters()) + list(back.buffers()))
+    assert all(p.requires_grad for p in back.parameters())
+    with torch.no_grad():
+        assert torch.equal(back.decode(back.encode(photos128)), model.decode(model.encode(photos128)))
+
+
 def test_bundled_weights_load_when_present():
     from dcae_edge.checkpoints import bundled_weights_path
 
