@@ -177,9 +177,9 @@ def check_golden(bundle: Path, backend: str = "onnxruntime", precision: str = "f
             "rows": rows}
 
 
-def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict]]:
-    """(backend, label, per-graph precision) for every transformer artifact this machine can run;
-    the decoder runs at the same precision when the bundle has it, else fp32."""
+def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict, str]]:
+    """(backend, label, per-graph precision, format) for every transformer artifact this machine can
+    run; the decoder runs at the same precision when the bundle has it, else fp32."""
     out = []
     dec = manifest["graphs"].get("vae_decoder", {}).get("artifacts", {})
     for key in sorted(manifest["graphs"]["transformer"]["artifacts"]):
@@ -190,12 +190,17 @@ def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict]]:
             dkey = f"{prefix}/{precision}" if not (backend == "openvino" and precision == "bf16") else "openvino/fp32"
             dprec = precision if dkey in dec else "fp32"
             out.append((backend, f"{backend} {precision}" + (f" (decoder {dprec})" if dprec != precision else ""),
-                        {"transformer": precision, "vae_decoder": dprec}))
-    if any(k.startswith("pte/") for k in manifest["graphs"]["transformer"]["artifacts"]):
-        for p in ("fp32", "int8"):
-            if f"pte/{p}" in manifest["graphs"]["transformer"]["artifacts"]:
-                dprec = p if f"pte/{p}" in dec else "fp32"
-                out.append(("executorch", f"executorch {p}", {"transformer": p, "vae_decoder": dprec}))
+                        {"transformer": precision, "vae_decoder": dprec}, "onnx"))
+    arts = manifest["graphs"]["transformer"]["artifacts"]
+    for p in ("fp32", "fp16", "int8"):  # ORT format (export.mobile): the files a phone app ships
+        if f"ort/{p}" in arts:
+            dprec = p if f"ort/{p}" in dec else "fp32"
+            out.append(("onnxruntime", f"onnxruntime {p} (ORT format)" + (f" (decoder {dprec})" if dprec != p else ""),
+                        {"transformer": p, "vae_decoder": dprec}, "ort"))
+    for p in ("fp32", "int8"):
+        if f"pte/{p}" in arts:
+            dprec = p if f"pte/{p}" in dec else "fp32"
+            out.append(("executorch", f"executorch {p}", {"transformer": p, "vae_decoder": dprec}, "onnx"))
     return out
 
 
@@ -212,17 +217,17 @@ def semantic_parity(bundle: Path, per_class: int, out: Path, weights: str | None
     classes = list(range(manifest["denoiser"]["config"]["num_classes"]))
     judge = Judge()
     out.mkdir(parents=True, exist_ok=True)
-    runs = [("torch", "torch fp32", "fp32")] + semantic_runtimes(manifest)
+    runs = [("torch", "torch fp32", "fp32", "onnx")] + semantic_runtimes(manifest)
     rows = []
-    for backend, label, precision in runs:
+    for backend, label, precision, fmt in runs:
         try:
-            pipe = Pipeline(bundle, backend, precision, device, weights=weights)
+            pipe = Pipeline(bundle, backend, precision, device, weights=weights, format=fmt)
             report, grid = semantic_score(lambda labels, seed: pipe.generate(labels, seed=seed), classes, per_class, judge)
         except (RuntimeUnavailable, BundleError) as e:
             rows.append({"runtime": label, "status": "skipped", "reason": str(e).splitlines()[0]})
             print(f"  {label}: skipped ({str(e).splitlines()[0]})")
             continue
-        name = label.replace(" ", "_").replace("(", "").replace(")", "")
+        name = label.replace(" ", "_").replace("(", "").replace(")", "").replace("ORT_format", "ort")
         Image.fromarray(grid).save(out / f"{name}.png")
         rows.append({"runtime": label, "status": "ok", "grid": f"{name}.png", **report})
         print(f"  {label}: accuracy {report['accuracy']:.3f}  {report['per_class']}", flush=True)

@@ -108,3 +108,18 @@ def test_semantic_parity_report(bundled, tmp_path):
     assert abs(rows["onnxruntime fp32"]["accuracy"] - rows["torch fp32"]["accuracy"]) <= 0.1
     assert (tmp_path / "sem" / "semantic.md").is_file() and (tmp_path / "sem" / rows["onnxruntime fp32"]["grid"]).is_file()
     assert json.loads((tmp_path / "sem" / "semantic.json").read_text())["per_class"] == 1
+
+
+def test_semantic_parity_covers_every_transformer_artifact_format():
+    """ORT-format files (what a phone app ships) get their own row, run through format='ort'; a
+    transformer precision the decoder lacks runs with the fp32 decoder and says so."""
+    from runtimes.parity import semantic_runtimes
+
+    arts = lambda *keys: {"artifacts": {k: {} for k in keys}}  # noqa: E731
+    manifest = {"graphs": {"vae_decoder": arts("onnx/fp32", "ort/fp32", "pte/fp32"),
+                           "transformer": arts("onnx/fp32", "ort/fp32", "ort/fp16", "pte/int8")}}
+    rows = {label: (backend, prec, fmt) for backend, label, prec, fmt in semantic_runtimes(manifest)}
+    assert rows["onnxruntime fp32 (ORT format)"] == ("onnxruntime", {"transformer": "fp32", "vae_decoder": "fp32"}, "ort")
+    assert rows["onnxruntime fp16 (ORT format) (decoder fp32)"][1] == {"transformer": "fp16", "vae_decoder": "fp32"}
+    assert rows["executorch int8"] == ("executorch", {"transformer": "int8", "vae_decoder": "fp32"}, "onnx")
+    assert rows["onnxruntime fp32"][2] == "onnx"
