@@ -22,8 +22,8 @@ JUDGE_ONNX = WEIGHTS / "digit-judge.onnx"
 INPUT_SIZE = 64
 
 
-def to_judge_input(images) -> np.ndarray:
-    """Anything image-like -> float32 N x 3 x 64 x 64 in [-1, 1], resized with Pillow's antialiased
+def to_judge_input(images, size: int = INPUT_SIZE) -> np.ndarray:
+    """Anything image-like -> float32 N x 3 x size x size in [-1, 1], resized with Pillow's antialiased
     bilinear filter (training used the same function, so both see identical pixels)."""
     if isinstance(images, Image.Image):
         images = [images]
@@ -34,7 +34,7 @@ def to_judge_input(images) -> np.ndarray:
         pils = [Image.fromarray(a) for a in (images if images.ndim == 4 else images[None])]
     else:
         pils = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
-    out = np.stack([np.asarray(p.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR), np.float32)
+    out = np.stack([np.asarray(p.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32)
                     for p in pils])
     return (out / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
 
@@ -54,9 +54,11 @@ class Judge:
         meta_path = path.with_suffix(".json")
         self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.class_names = self.meta.get("class_names", [str(i) for i in range(10)])
+        # judges record the size they read (a 64 px judge confused thin 0s with 1s: the hole was 1 px)
+        self.input_size = int(self.meta.get("input_size", INPUT_SIZE))
 
     def logits(self, images) -> np.ndarray:
-        x = to_judge_input(images)
+        x = to_judge_input(images, self.input_size)
         return np.concatenate([self.session.run(None, {"image": x[i:i + 256]})[0] for i in range(0, len(x), 256)])
 
     def classify(self, images) -> tuple[np.ndarray, np.ndarray]:

@@ -123,3 +123,26 @@ def test_semantic_parity_covers_every_transformer_artifact_format():
     assert rows["onnxruntime fp16 (ORT format) (decoder fp32)"][1] == {"transformer": "fp16", "vae_decoder": "fp32"}
     assert rows["executorch int8"] == ("executorch", {"transformer": "int8", "vae_decoder": "fp32"}, "onnx")
     assert rows["onnxruntime fp32"][2] == "onnx"
+
+
+def test_judge_reads_at_the_size_it_was_trained_for(tmp_path):
+    """A 128 px judge (strided stem: the rest of the net still runs at 64 px) records its input size,
+    and Judge resizes to it; augmentation keeps any size; a size the stem cannot reach is refused."""
+    import torch
+
+    from dcae_edge.judge import Judge
+    from dcae_edge.train_judge import DigitNet, JudgeConfig, augment, train
+
+    net = DigitNet(8, stem_stride=2).eval()
+    assert net.features(torch.zeros(1, 3, 128, 128)).shape[-1] == 8  # 128 -> 64 (stem) -> 8, as 64 px nets
+    torch.onnx.export(net, (torch.zeros(2, 3, 128, 128),), str(tmp_path / "j.onnx"), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, dynamo=False, opset_version=17)
+    (tmp_path / "j.json").write_text(json.dumps({"input_size": 128}))
+    judge = Judge(tmp_path / "j.onnx")
+    assert judge.input_size == 128 and judge.logits(np.zeros((3, 512, 512, 3), np.uint8)).shape == (3, 10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 128, 128) * 2 - 1
+    y = augment(x, g, max_shear=0.35, affine_p=1.0)
+    assert y.shape == x.shape and y.abs().max() <= 1 and not torch.equal(x, y)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        train(JudgeConfig(data=str(tmp_path / "none"), input_size=96))
