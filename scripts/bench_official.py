@@ -146,15 +146,22 @@ def main():
             dec, dec_name = open_bundle(bundle, dec_backend, dec_precision, threads=args.threads), f"{dec_backend} {dec_precision}"
             from dcae_edge import schedules
 
-            t = time.perf_counter()
-            lat_z = schedules.generate_numpy(pipe.recipe, lambda f: pipe._runner("transformer").run(f)[0], [207], 1, 30)
-            t_sample = time.perf_counter() - t
-            t = time.perf_counter()
-            dec.decode(lat_z / pipe.recipe["latent_scaling_factor"])
-            t_decode = time.perf_counter() - t
-            row["generation_30_steps"] = {"transformer": row["best"], "decoder": dec_name,
-                                          "sampling_s": round(t_sample, 2), "decode_s": round(t_decode, 2),
-                                          "total_s": round(t_sample + t_decode, 2)}
+            t = time.perf_counter()  # what an app does once: read + compile both graphs
+            transformer = pipe._runner("transformer")
+            dec._runner("vae_decoder")
+            t_load = time.perf_counter() - t
+            gens = []
+            for _ in range(2):  # the first generation after loading (one-shot use), then a warm one
+                t = time.perf_counter()
+                lat_z = schedules.generate_numpy(pipe.recipe, lambda f: transformer.run(f)[0], [207], 1, 30)
+                t_sample = time.perf_counter() - t
+                t = time.perf_counter()
+                dec.decode(lat_z / pipe.recipe["latent_scaling_factor"])
+                t_decode = time.perf_counter() - t
+                gens.append({"sampling_s": round(t_sample, 2), "decode_s": round(t_decode, 2),
+                             "total_s": round(t_sample + t_decode, 2)})
+            row["generation_30_steps"] = {"transformer": row["best"], "decoder": dec_name, "load_s": round(t_load, 2),
+                                          **gens[0], "warm": gens[1]}
             print("generation", row["generation_30_steps"], flush=True)
         save_progress()
     if "latency" not in args.stages:
@@ -185,8 +192,18 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{cell('openvino bf16')} | {cell('openvino int8')} | {r['best']} |")
     g = report["rows"].get("f64", {}).get("generation_30_steps")
     if g:
-        lines += ["", f"Whole 30-step 512² generation (f64, CFG 1.5, batch 2 per step): sampling {g['sampling_s']} s "
-                  f"({g['transformer']}) + decode {g['decode_s']} s ({g['decoder']}) = **{g['total_s']} s**."]
+        lines += ["", f"Whole 30-step 512² generation (f64, DPM-Solver++ 3S, CFG 1.5, batch 2 per step), models loaded "
+                  f"first ({g['load_s']} s: read + compile both graphs, once per app start):", "",
+                  "| | sampling | decode | total |", "|---|---|---|---|",
+                  f"| first generation after loading | {g['sampling_s']} s ({g['transformer']}) | {g['decode_s']} s "
+                  f"({g['decoder']}) | **{g['total_s']} s** |"]
+        if g.get("warm"):
+            w = g["warm"]
+            lines.append(f"| the next generation | {w['sampling_s']} s | {w['decode_s']} s | **{w['total_s']} s** |")
+    cal = report["rows"].get("f64", {}).get("int8_calibration")
+    if cal:
+        lines += ["", f"OpenVINO INT8 calibration of the transformer (NNCF on the model's own DPM-Solver trajectories, "
+                  f"60 feeds, 30 held-out): {cal['seconds']} s, peak RSS {cal['peak_rss_gib']} GiB."]
     if report.get("f32_over_f64_step"):
         lines += ["", "Per-step time f32c32 (256 tokens) / f64c128 (64 tokens): "
                   + ", ".join(f"{k} {v}x" for k, v in report["f32_over_f64_step"].items())]
