@@ -88,7 +88,7 @@ def semantic_score(generate, class_ids: list[int], per_class: int, judge: "Judge
         p, _ = judge.classify(images)
         preds += p.tolist()
         wanted += [c] * per_class
-        small = [np.asarray(Image.fromarray(((np.clip(im, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0))
+        small = [np.array(Image.fromarray(((np.clip(im, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0))
                             .resize((thumb, thumb), Image.Resampling.BILINEAR)) for im in images]
         for tile, got in zip(small, p):
             if got != c:  # a red frame where the judge read another digit

@@ -146,3 +146,15 @@ def test_judge_reads_at_the_size_it_was_trained_for(tmp_path):
     assert y.shape == x.shape and y.abs().max() <= 1 and not torch.equal(x, y)
     with pytest.raises(ValueError, match="multiple of 64"):
         train(JudgeConfig(data=str(tmp_path / "none"), input_size=96))
+
+
+def test_semantic_score_frames_misread_samples_in_red():
+    """A sample the judge reads as another digit gets a red frame in the grid (the tiles were
+    read-only views of Pillow images: the first misread sample crashed the report)."""
+    from dcae_edge.judge import Judge, semantic_score
+
+    judge = Judge()
+    blank = lambda labels, seed: np.zeros((len(labels), 3, 64, 64), np.float32)  # noqa: E731 - grey: no digit
+    report, grid = semantic_score(blank, list(range(10)), 2, judge, thumb=32)
+    assert grid.shape == (10 * 32, 2 * 32, 3) and report["accuracy"] <= 0.2  # one guess fits at most one class
+    assert ((grid[:, :, 0] == 220) & (grid[:, :, 1] == 30)).any()
