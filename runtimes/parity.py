@@ -228,8 +228,8 @@ def semantic_parity(bundle: Path, per_class: int, out: Path, weights: str | None
             print(f"  {label}: skipped ({str(e).splitlines()[0]})")
             continue
         name = label.replace(" ", "_").replace("(", "").replace(")", "").replace("ORT_format", "ort")
-        Image.fromarray(grid).save(out / f"{name}.png")
-        rows.append({"runtime": label, "status": "ok", "grid": f"{name}.png", **report})
+        Image.fromarray(grid).save(out / f"{name}.jpg", quality=90)  # docs-sized
+        rows.append({"runtime": label, "status": "ok", "grid": f"{name}.jpg", **report})
         print(f"  {label}: accuracy {report['accuracy']:.3f}  {report['per_class']}", flush=True)
     ref = next((r["accuracy"] for r in rows if r["runtime"] == "torch fp32" and r["status"] == "ok"), None)
     for r in rows:

@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--stages", nargs="+", default=["export", "int8", "latency"],
                     help="run only these stages; the others are taken from WORK/progress.json (the heavy exports and "
                          "the calibration can run early, the latencies later on an idle CPU)")
+    ap.add_argument("--export-graphs", nargs="+", default=["transformer", "vae_decoder"],
+                    help="export stage: re-export only these (the f64 decoder from the release file takes ~20 min)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     work = Path(args.work)
@@ -100,8 +102,8 @@ def main():
         bundle = work / f"bundle-{lat}"
         weights_gb = (folder / "model.safetensors").stat().st_size / 1e9
         row = report["rows"].setdefault(lat, {"release": RELEASE[lat], "file_gb": round(weights_gb, 2)})
-        graphs = ["transformer", "vae_decoder"] if lat == "f64" and "export" in args.stages else \
-            ["transformer"] if "export" in args.stages else []
+        graphs = ["transformer", "vae_decoder"] if lat == "f64" else ["transformer"]
+        graphs = [g for g in graphs if g in args.export_graphs] if "export" in args.stages else []
         for graph in graphs:
             r = run_measured([sys.executable, "-m", "export.onnx", "--weights", str(folder), "--graphs", graph,
                               "--out", str(bundle)], cwd=ROOT)
