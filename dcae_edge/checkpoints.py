@@ -95,7 +95,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items() if k in state}, strict=False, assign=True)
         for k in optional - state.keys():  # e.g. BatchNorm's num_batches_tracked
             mod, _, leaf = k.rpartition(".")
-            model.get_submodule(mod)._buffers[leaf] = torch.zeros((), dtype=expected[k].dtype)
+            model.get_submodule(mod).register_buffer(leaf, torch.zeros((), dtype=expected[k].dtype))
         return
     for k, v in expected.items():
         if k in state:

@@ -192,15 +192,13 @@ def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict, str]]:
             out.append((backend, f"{backend} {precision}" + (f" (decoder {dprec})" if dprec != precision else ""),
                         {"transformer": precision, "vae_decoder": dprec}, "onnx"))
     arts = manifest["graphs"]["transformer"]["artifacts"]
-    for p in ("fp32", "fp16", "int8"):  # ORT format (export.mobile): the files a phone app ships
-        if f"ort/{p}" in arts:
-            dprec = p if f"ort/{p}" in dec else "fp32"
-            out.append(("onnxruntime", f"onnxruntime {p} (ORT format)" + (f" (decoder {dprec})" if dprec != p else ""),
-                        {"transformer": p, "vae_decoder": dprec}, "ort"))
-    for p in ("fp32", "int8"):
-        if f"pte/{p}" in arts:
-            dprec = p if f"pte/{p}" in dec else "fp32"
-            out.append(("executorch", f"executorch {p}", {"transformer": p, "vae_decoder": dprec}, "onnx"))
+    # export.mobile's files, as a phone app ships them: ORT format (run with format="ort") and ExecuTorch
+    for prefix, backend, what, fmt in (("ort", "onnxruntime", " (ORT format)", "ort"), ("pte", "executorch", "", "onnx")):
+        for p in ("fp32", "fp16", "int8"):
+            if f"{prefix}/{p}" in arts:
+                dprec = p if f"{prefix}/{p}" in dec else "fp32"
+                out.append((backend, f"{backend} {p}{what}" + (f" (decoder {dprec})" if dprec != p else ""),
+                            {"transformer": p, "vae_decoder": dprec}, fmt))
     return out
 
 

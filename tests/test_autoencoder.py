@@ -212,6 +212,19 @@ def test_loading_builds_no_random_init_and_leaves_no_meta_tensor(tmp_path, photo
         assert torch.equal(back.decode(back.encode(photos128)), model.decode(model.encode(photos128)))
 
 
+def test_skeleton_load_fills_optional_buffers_the_checkpoint_lacks():
+    """efficientvit files carry no BatchNorm num_batches_tracked: a storage-less model gets a real zero."""
+    from dcae_edge.checkpoints import load_state_dict_strict
+
+    src = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    state = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    load_state_dict_strict(model, state, "test")
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert model[1].num_batches_tracked.item() == 0 and torch.equal(model[0].weight, src[0].weight)
+
+
 def test_bundled_weights_load_when_present():
     from dcae_edge.checkpoints import bundled_weights_path
 

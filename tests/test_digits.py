@@ -112,7 +112,7 @@ def test_semantic_parity_report(bundled, tmp_path):
 
 def test_semantic_parity_covers_every_transformer_artifact_format():
     """ORT-format files (what a phone app ships) get their own row, run through format='ort'; a
-    transformer precision the decoder lacks runs with the fp32 decoder and says so."""
+    transformer precision the decoder lacks runs with the fp32 decoder and says so (ExecuTorch too)."""
     from runtimes.parity import semantic_runtimes
 
     arts = lambda *keys: {"artifacts": {k: {} for k in keys}}  # noqa: E731
@@ -121,7 +121,7 @@ def test_semantic_parity_covers_every_transformer_artifact_format():
     rows = {label: (backend, prec, fmt) for backend, label, prec, fmt in semantic_runtimes(manifest)}
     assert rows["onnxruntime fp32 (ORT format)"] == ("onnxruntime", {"transformer": "fp32", "vae_decoder": "fp32"}, "ort")
     assert rows["onnxruntime fp16 (ORT format) (decoder fp32)"][1] == {"transformer": "fp16", "vae_decoder": "fp32"}
-    assert rows["executorch int8"] == ("executorch", {"transformer": "int8", "vae_decoder": "fp32"}, "onnx")
+    assert rows["executorch int8 (decoder fp32)"] == ("executorch", {"transformer": "int8", "vae_decoder": "fp32"}, "onnx")
     assert rows["onnxruntime fp32"][2] == "onnx"
 
 
