@@ -54,6 +54,8 @@ class DenoiserTrainConfig:
     label_every_token: bool = False  # U-ViT: the class embedding added to every patch token too (a stronger class signal)
     class_prior: bool = False        # with --flow-skip: a per-class mean latent (from the data) in the output, see denoiser.class_prior_scale
     init_from: str = ""              # start from these weights (a ckpt.pt or model.safetensors), fresh optimizer
+    class_means_from_data: bool = False  # with --init-from: class means from this run's latents, not the init's
+                                     # (the init was trained on another autoencoder's latent space)
     hidden_size: int = 0             # 0 = preset
     depth: int = 0
     batch_size: int = 64
@@ -149,6 +151,8 @@ def check_config(cfg: DenoiserTrainConfig) -> None:
         raise ConfigError(f"--time-shift must be > 0, got {cfg.time_shift}")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ConfigError(f"--init-from {cfg.init_from}: no such file")
+    if cfg.class_means_from_data and not (cfg.class_prior and cfg.init_from):
+        raise ConfigError("--class-means-from-data re-estimates a warm start's class means: it needs --class-prior and --init-from")
     if cfg.class_prior and (not cfg.flow_skip or cfg.unconditional or cfg.prediction != "flow"):
         raise ConfigError("--class-prior needs --flow-skip (flow prediction) and class labels")
     if cfg.label_every_token and ("uvit" not in cfg.model or cfg.unconditional):
@@ -206,6 +210,9 @@ def train(cfg: DenoiserTrainConfig) -> dict:
     step, history = 0, []
     if cfg.init_from and not ckpt_path.is_file():
         init_weights(model, ema, cfg.init_from)
+        if cfg.class_means_from_data:
+            init_class_means(unwrap(model), latents, labels)
+            ema.model.load_state_dict(unwrap(model).state_dict())
     if ckpt_path.is_file():
         ck = load_training_checkpoint(ckpt_path)
         saved = json.loads(ck["run_key"])

@@ -12,4 +12,4 @@ python -m dcae_edge.train_denoiser --autoencoder "$AE" --data "$DATA" --out "$OU
   --crops-per-image 1 --crop-min-scale 1.0 --no-flip --model ${MODEL:-dit-tiny} --hidden-size ${HIDDEN:-192} --depth ${DEPTH:-6} \
   --batch-size ${BATCH:-64} --steps ${STEPS:-4000} --lr ${LR:-3e-4} --warmup 200 --amp bf16 --device cpu \
   --ckpt-every 250 --log-every 20 --recipe-steps ${RECIPE_STEPS:-20} --recipe-cfg ${RECIPE_CFG:-3.0} --recipe-solver heun \
-  --time-sampling ${TIME_SAMPLING:-logit-normal} --time-shift ${TIME_SHIFT:-1.0} ${INIT:+--init-from "$INIT"} ${FLOW_SKIP:+--flow-skip} ${LABEL_EVERY_TOKEN:+--label-every-token} ${CLASS_PRIOR:+--class-prior}
+  --time-sampling ${TIME_SAMPLING:-logit-normal} --time-shift ${TIME_SHIFT:-1.0} ${INIT:+--init-from "$INIT"} ${FLOW_SKIP:+--flow-skip} ${LABEL_EVERY_TOKEN:+--label-every-token} ${CLASS_PRIOR:+--class-prior} ${CLASS_MEANS_FROM_DATA:+--class-means-from-data}

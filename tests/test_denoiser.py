@@ -235,6 +235,19 @@ def test_class_prior_is_the_gaussian_velocity_and_starts_from_the_data_means(set
         torch.testing.assert_close(means[k], cache["latents"][cache["labels"] == k].mean(0))
     with pytest.raises(SystemExit, match="--class-prior needs --flow-skip"):
         TD.main(dn_args(setup, tmp_path / "bad", 1, "--class-prior"))
+    # a warm start keeps the init's (learned) means, unless told the init saw another latent space
+    shifted = {k: (v + 5.0 if k == "class_means" else v) for k, v in ck["model"].items()}
+    torch.save({"ema": shifted}, tmp_path / "shifted.pt")
+    for flag, expect in (([], shifted["class_means"]), (["--class-means-from-data"], means)):
+        out = tmp_path / f"warm{len(flag)}"
+        TD.train(TD.parse_args(dn_args(setup, out, 0, "--model", "uvit-tiny", "--flow-skip", "--class-prior",
+                                       "--init-from", str(tmp_path / "shifted.pt"), "--cache",
+                                       str(tmp_path / "run" / "latents.safetensors"), *flag)))
+        warm = torch.load(out / "ckpt.pt", weights_only=True)
+        torch.testing.assert_close(warm["model"]["class_means"], expect)
+        torch.testing.assert_close(warm["ema"]["class_means"], expect)
+    with pytest.raises(SystemExit, match="needs --class-prior and --init-from"):
+        TD.main(dn_args(setup, tmp_path / "bad2", 1, "--class-means-from-data"))
 
 
 def test_label_every_token_reaches_every_patch_token_and_survives_saving(tmp_path):
