@@ -13,7 +13,8 @@
 
 The IR is saved without fp16 compression, so NNCF's quantized weights are stored as int8
 constants (a quarter of the fp32 .bin). Gates run the INT8 IR with INFERENCE_PRECISION_HINT=f32,
-so they measure the INT8 error alone; apps may add the bf16 hint for the float remainder.
+so they measure the INT8 error alone; the same gate is then run with the bf16 hint for the float
+remainder and recorded as the artifact's ``validation_bf16`` (precision "int8-bf16" in the runtimes).
 Sensitivity: every activation FakeQuantize is exposed next to its input and compared on a few
 calibration and held-out feeds; weight FakeQuantizes are applied to their constants in numpy.
 """
@@ -101,6 +102,10 @@ class OpenVinoBackend(Backend):
 
     def _runner(self, graph: str, model):
         return ov_runner(self.core, model, self._outputs(graph), "f32")[0]
+
+    def bf16_run(self, graph: str, attempt: Attempt):
+        """(run, precision executed) of an INT8 attempt with INFERENCE_PRECISION_HINT=bf16."""
+        return ov_runner(self.core, attempt.handle, self._outputs(graph), "bf16")
 
     def fp32_runner(self, graph: str):
         return self._runner(graph, self._read(graph))

@@ -86,10 +86,12 @@ class OpenVinoGraph:
         # lets threads sharing this pipeline run in parallel
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._idle.put(self.compiled.create_infer_request())
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        # names as the IR declares them: a compiled port can carry extra names from fused ops (an
+        # NNCF-quantized IR's input showed up as '63' besides 'latent_sample'), and get_any_name may pick those
+        self.input_names = [p.get_any_name() for p in model.inputs]
+        self.output_names = [p.get_any_name() for p in model.outputs]
         self.input_shapes = {p.get_any_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
-                             for p in self.compiled.inputs}
+                             for p in model.inputs}
         self.provider = f"openvino:{device.upper()}:{hint}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

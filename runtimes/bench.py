@@ -45,7 +45,7 @@ def _make_runner(kind: str, path: str, precision: str, threads: int):
 
     if kind == "onnxruntime":
         return OrtGraph(Path(path), "cpu", threads)
-    return OpenVinoGraph(Path(path), "CPU", "bf16" if precision == "bf16" else "f32", threads)
+    return OpenVinoGraph(Path(path), "CPU", "bf16" if precision in ("bf16", "int8-bf16") else "f32", threads)
 
 
 def peak_rss_mb() -> float:
@@ -129,7 +129,7 @@ def bundle_configs(bundle: Path, manifest: dict) -> list[tuple]:
             if fmt == "onnx":
                 out.append((graph, "onnxruntime", prec, bundle / art["files"][0]))
             elif fmt == "openvino":
-                for p in (("fp32", "bf16") if prec in ("fp32", "fp16w") else (prec,)):
+                for p in {"fp32": ("fp32", "bf16"), "fp16w": ("fp32", "bf16"), "int8": ("int8", "int8-bf16")}.get(prec, (prec,)):
                     out.append((graph, "openvino", p, bundle / art["files"][0]))
     return out
 

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--backend", default="onnxruntime", help="onnxruntime | openvino | coreml | torch")
-    ap.add_argument("--precision", default="auto", help="auto (fastest gated artifact on this CPU) | fp32 | fp16 | bf16 (openvino) | int8")
+    ap.add_argument("--precision", default="auto", help="auto (fastest gated artifact on this CPU) | fp32 | fp16 | bf16 (openvino) | int8 | int8-bf16 (openvino: INT8 with the rest in bf16)")
     ap.add_argument("--device", default="cpu")
     schedules.add_sampling_arguments(ap)
     ap.add_argument("--format", default="onnx", help="onnx | ort | ort-runtime (onnxruntime only)")

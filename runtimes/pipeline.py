@@ -27,7 +27,10 @@ from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
 
 SUPPORTED_MANIFEST_VERSION = 1
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int8-bf16")
+# OpenVINO only: the INT8 graph with its float remainder (norms, activations, layers kept in float) in
+# bf16 instead of f32 -- faster where the CPU has native bf16, gated on its own at calibration
+OPENVINO_ONLY = ("bf16", "int8-bf16")
 
 
 class BundleError(ValueError):
@@ -139,8 +142,13 @@ class Pipeline:
             return "torch", {}
         precision = self.precision_of(graph)
         prefix = self.format if self.backend == "onnxruntime" else ARTIFACT_PREFIX[self.backend]
+        if precision in OPENVINO_ONLY and self.backend != "openvino":
+            raise BundleError(f"{graph}: precision {precision!r} is an OpenVINO precision; backend {self.backend!r} runs "
+                              "fp32 / fp16 / int8 (or precision='auto')")
         if self.backend == "openvino" and precision in ("fp32", "bf16"):
             keys = ["openvino/fp32", "openvino/fp16w"]
+        elif self.backend == "openvino" and precision == "int8-bf16":
+            keys = ["openvino/int8"]
         elif self.backend == "coreml":
             keys = {"fp16": ["coreml/fp16", "coreml/fp32"], "fp32": ["coreml/fp32"],
                     "int8": ["coreml/int8w", "coreml/int8"]}.get(precision, [])
@@ -204,7 +212,7 @@ class Pipeline:
                     g = self.manifest["graphs"][graph]
                     runner = ExecuTorchGraph(main, [t["name"] for t in g["inputs"]], [t["name"] for t in g["outputs"]])
                 elif self.backend == "openvino":
-                    hint = "bf16" if self.precision_of(graph) == "bf16" else "f32"
+                    hint = "bf16" if self.precision_of(graph) in OPENVINO_ONLY else "f32"
                     runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device, hint, self.threads)
                 else:
                     runner = CoreMLGraph(main)
@@ -342,7 +350,7 @@ def open_bundle(bundle: str | Path, backend: str = "onnxruntime", precision: str
                 providers: list[str] | None = None) -> Pipeline:
     """Open an exported bundle (manifest and checksums are checked when a graph is first loaded).
     ``precision``: "auto" (per graph, the fastest artifact that passed its quality gate on this CPU;
-    says what it picked), or "fp32" / "fp16" / "bf16" (OpenVINO) / "int8" to force one;
+    says what it picked), or "fp32" / "fp16" / "bf16" (OpenVINO) / "int8" / "int8-bf16" (OpenVINO) to force one;
     ``format``: "onnx", or "ort" / "ort-runtime" (ORT-format files, backend onnxruntime);
     ``providers``: onnxruntime execution providers to ask for (e.g. ["xnnpack"]);
     ``weights``: for backend="torch", the checkpoint or released folder the bundle came from."""

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("images", nargs="+", help="image files and/or folders of images")
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--precision", default="auto", help="auto (fastest gated artifact on this CPU) | fp32 | fp16 | bf16 (openvino) | int8")
+    ap.add_argument("--precision", default="auto", help="auto (fastest gated artifact on this CPU) | fp32 | fp16 | bf16 (openvino) | int8 | int8-bf16 (openvino: INT8 with the rest in bf16)")
     ap.add_argument("--format", default="onnx", help="onnx | ort | ort-runtime (onnxruntime only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=None, help="centre-crop/resize to this size (default: the bundle's)")

@@ -138,7 +138,22 @@ def test_openvino_int8_fake_quantize(copy, data_dir):
         int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")]
         assert ops["FakeQuantize"] >= 3 and len(int8) >= 3, (graph, ops)
         assert art["gate"]["pass"] and art["counts"]["FakeQuantize"] == ops["FakeQuantize"]
+        # the same gate with the float remainder in bf16: measured where the CPU has native bf16, else said why not
+        vb = art["validation_bf16"]
+        assert ("pass" in vb and "gate" in vb) or "executes the bf16 hint as f32" in vb["skipped"], vb
     assert m["calibration"]["openvino"]["gates"]["end_to_end"]["pass"]
+    # precision "int8-bf16": the INT8 IR at the bf16 hint; an OpenVINO precision only
+    from runtimes import open_bundle
+    from runtimes.pipeline import BundleError
+
+    pipe = open_bundle(copy, backend="openvino", precision="int8-bf16")
+    side = pipe.resolution // pipe.spatial_compression
+    z = np.random.default_rng(0).standard_normal((1, pipe.latent_channels, side, side)).astype(np.float32)
+    assert np.isfinite(pipe.decode(z)).all()
+    assert pipe._artifact("vae_decoder")[0] == "openvino/int8"
+    assert pipe.active_providers["vae_decoder"] == ["openvino:CPU:bf16"]
+    with pytest.raises(BundleError, match="OpenVINO precision"):
+        open_bundle(copy, precision="int8-bf16").decode(z)
 
 
 def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir, monkeypatch):

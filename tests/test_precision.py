@@ -42,6 +42,30 @@ def test_a_graph_whose_gate_failed_is_never_picked():
     assert P.gated(ov, "vae_decoder", "openvino") == ["fp32", "int8"]
 
 
+def test_int8_with_bf16_remainder_needs_both_gates():
+    """OpenVINO "int8-bf16" (the INT8 IR run with the bf16 hint) is a candidate only when the INT8
+    gate passed and calibration's second run of it, with the float remainder in bf16, passed too."""
+    def ov(int8_ok, bf16_check):
+        art = {"validation": {"pass": int8_ok}}
+        if bf16_check is not None:
+            art["validation_bf16"] = bf16_check
+        return {"graphs": {"vae_decoder": {"artifacts": {"openvino/fp32": {"validation": {"pass": True},
+                                                                             "validation_bf16": {"pass": True}},
+                                                            "openvino/int8": art}}}}
+
+    assert P.gated(ov(True, {"pass": True}), "vae_decoder", "openvino") == ["fp32", "bf16", "int8", "int8-bf16"]
+    assert P.gated(ov(True, {"pass": False}), "vae_decoder", "openvino") == ["fp32", "bf16", "int8"]
+    assert P.gated(ov(True, None), "vae_decoder", "openvino") == ["fp32", "bf16", "int8"]  # calibrated before it existed
+    assert P.gated(ov(True, {"skipped": "no native bf16"}), "vae_decoder", "openvino") == ["fp32", "bf16", "int8"]
+    assert P.gated(ov(False, {"pass": True}), "vae_decoder", "openvino") == ["fp32", "bf16"]
+    allowed = P.gated(ov(True, {"pass": True}), "vae_decoder", "openvino")
+    assert P.choose({"fp32": 129.0, "bf16": 66.0, "int8": 60.0, "int8-bf16": 51.0}, allowed)[0] == "int8-bf16"
+    rows = [{"graph": "vae_decoder", "backend": "openvino", "precision": p, "batch": 1, "p50_ms": ms}
+            for p, ms in (("bf16", 66.0), ("int8 (+f32)", 60.0), ("int8 (+bf16)", 51.0))]
+    P.mark_auto(rows, ov(True, {"pass": False}), "p50_ms")  # its bf16 gate failed: the plain INT8 row is auto's
+    assert [r["precision"] for r in rows if r.get("auto")] == ["int8 (+f32)"]
+
+
 def test_benchmarks_mark_what_auto_picks_at_its_probe_batch():
     """runtimes.bench and scripts/bench_int8.py mark auto's choice with the same rule; a faster
     artifact whose gate failed, a baseline or another batch is never marked."""
