@@ -25,7 +25,8 @@ def _details(backend, results, calib, held) -> dict:
                             "pass": r["gate"]["pass"], "seconds": r["seconds"]} for r in o.rounds],
                 "layer_latency": o.attempt.extra.get("layer_latency", []),
                 "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", []),
-                "int8_faster_nowhere": bool(o.attempt.extra.get("int8_faster_nowhere"))}
+                "int8_faster_nowhere": bool(o.attempt.extra.get("int8_faster_nowhere")),
+                "validation_bf16": o.attempt.extra.get("validation_bf16")}
             for g, o in results.items()}
 
 
@@ -48,6 +49,10 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                   f"{d['calibration_set']['source']}",
                   f"- held-out set: {d['held_out_set']['size']} feeds, {d['held_out_set']['source']}",
                   f"- INT8 content: {backend.describe_counts(d['counts'])}",
+                  *([f"- with the float remainder in bf16 (precision `int8-bf16`): "
+                     + (d["validation_bf16"].get("gate") or "") + (" (pass)" if d["validation_bf16"].get("pass") else
+                                                                     f" ({d['validation_bf16'].get('skipped') or 'FAIL: not offered'})")]
+                    if d.get("validation_bf16") else []),
                   f"- {len(d['rounds']) - 1} exclusion rounds, {d['seconds']} s: "
                   + ", ".join(f"{r['nodes_in_float']} in float -> {r['value']:.4f}" for r in d["rounds"])]
         if d["kept_in_float"]:

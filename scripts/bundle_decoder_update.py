@@ -17,6 +17,7 @@ and the held-out table to ``--report`` (Markdown + JSON).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dcae_edge.checkpoints import _load_ours, bundled_weights_path, latent_fingerprint, save_autoencoder  # noqa: E402
-from dcae_edge.data import ImageFolder, step_generator, to_model_range  # noqa: E402
+from dcae_edge.data import ImageFolder, sample_photos, step_generator, to_model_range  # noqa: E402
 from dcae_edge.evaluate import evaluate  # noqa: E402
 from dcae_edge.training_utils import recalibrate_batchnorm  # noqa: E402
 
@@ -102,7 +103,15 @@ def main(argv=None):
     for i, s in enumerate(summaries):
         history[args.note if len(summaries) == 1 else f"{args.note}_{i + 1}"] = s
     history[f"{args.note}_batchnorm"] = f"decoder BatchNorm statistics re-estimated over {args.bn_crops} training crops at {res}px"
-    save_autoencoder(new, bundled, dtype=torch.float16, extra={"training": history})  # atomic
+    # the margin over the thumbnail on the 4 packaged photos, as the fp16 file will load: the test suite
+    # re-measures it anywhere (tests/test_autoencoder.py) and fails if the weights lose it
+    as_stored = copy.deepcopy(new).half().float().eval()
+    margins = {}
+    for r in (256, 512):
+        ev = evaluate(as_stored, sample_photos(r))
+        margins[str(r)] = round(ev["psnr"] - ev["baseline_psnr"], 3)
+    print(f"packaged photos, PSNR over the thumbnail baseline: {margins}")
+    save_autoencoder(new, bundled, dtype=torch.float16, extra={"training": history, "packaged_photos_margin_db": margins})
     if new_latents:
         print("the latent space changed: retrain the bundled denoiser (scripts/train_digits_cpu.sh) and the INT8 artifacts")
     print(f"installed {bundled} ({bundled.stat().st_size / 1e6:.1f} MB)")

@@ -17,6 +17,7 @@ python -m runtimes.parity --bundle "$B" --reference .cache/f64-cpu.safetensors -
 python -m runtimes.parity --bundle "$B" --semantic 8 --out docs/semantic-f64
 python -m dcae_edge.evaluate --generator --per-class 8 --out docs/generator-f64
 python scripts/bench_int8.py --bundle "$B" --out docs/bench_int8-f64 --store
+[ -n "${SKIP_BENCH:-}" ] && exit 0  # the slower benchmarks below
 python -m runtimes.bench --bundle "$B" --out docs/bench-f64 --runs 10
 python scripts/bench_web.py --bundle "$B" --out docs/bench-web
 python scripts/bench_mobile.py --bundle "$B" --out docs/bench-mobile
