@@ -41,11 +41,11 @@ def machine() -> dict:
 
 
 def _make_runner(kind: str, path: str, precision: str, threads: int):
-    from .backends import OpenVinoGraph, OrtGraph
+    from .backends import OpenVinoGraph, OrtGraph, openvino_hint
 
     if kind == "onnxruntime":
         return OrtGraph(Path(path), "cpu", threads)
-    return OpenVinoGraph(Path(path), "CPU", "bf16" if precision in ("bf16", "int8-bf16") else "f32", threads)
+    return OpenVinoGraph(Path(path), "CPU", openvino_hint(precision), threads)
 
 
 def peak_rss_mb() -> float:

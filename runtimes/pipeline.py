@@ -21,7 +21,7 @@ from dcae_edge import schedules
 from dcae_edge.files import sha256_file
 
 from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
-                       TorchGraph)
+                       TorchGraph, openvino_hint)
 from .images import as_model_input
 from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
@@ -212,8 +212,8 @@ class Pipeline:
                     g = self.manifest["graphs"][graph]
                     runner = ExecuTorchGraph(main, [t["name"] for t in g["inputs"]], [t["name"] for t in g["outputs"]])
                 elif self.backend == "openvino":
-                    hint = "bf16" if self.precision_of(graph) in OPENVINO_ONLY else "f32"
-                    runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device, hint, self.threads)
+                    runner = OpenVinoGraph(main, "CPU" if self.device == "cpu" else self.device,
+                                           openvino_hint(self.precision_of(graph)), self.threads)
                 else:
                     runner = CoreMLGraph(main)
             runner.static = bool(info.get("fixed_shapes")) or not self.manifest.get("dynamic", True)
