@@ -70,12 +70,6 @@ class OrtGraph:
         return self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
 
 
-def openvino_hint(precision: str) -> str:
-    """INFERENCE_PRECISION_HINT for a runtime precision: bf16 runs the fp32 IR's float ops in bf16,
-    int8-bf16 the INT8 IR's float remainder; everything else runs f32 (exact parity)."""
-    return "bf16" if precision in ("bf16", "int8-bf16") else "f32"
-
-
 class OpenVinoGraph:
     """OpenVINO compiled model. ``hint`` is INFERENCE_PRECISION_HINT: f32 for exact parity; bf16 is
     this CPU's fast default and must be asked for explicitly here."""

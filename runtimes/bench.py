@@ -26,6 +26,8 @@ import numpy as np
 
 from dcae_edge.timing import time_calls
 
+from .precision import mark_auto, openvino_hint, openvino_precisions
+
 
 def machine() -> dict:
     cpu = platform.processor()
@@ -41,7 +43,7 @@ def machine() -> dict:
 
 
 def _make_runner(kind: str, path: str, precision: str, threads: int):
-    from .backends import OpenVinoGraph, OrtGraph, openvino_hint
+    from .backends import OpenVinoGraph, OrtGraph
 
     if kind == "onnxruntime":
         return OrtGraph(Path(path), "cpu", threads)
@@ -129,7 +131,7 @@ def bundle_configs(bundle: Path, manifest: dict) -> list[tuple]:
             if fmt == "onnx":
                 out.append((graph, "onnxruntime", prec, bundle / art["files"][0]))
             elif fmt == "openvino":
-                for p in {"fp32": ("fp32", "bf16"), "fp16w": ("fp32", "bf16"), "int8": ("int8", "int8-bf16")}.get(prec, (prec,)):
+                for p in openvino_precisions(prec):
                     out.append((graph, "openvino", p, bundle / art["files"][0]))
     return out
 
@@ -250,7 +252,6 @@ def main(argv=None) -> int:
                                    runs, 1, args.threads)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    from .precision import mark_auto
 
     print("precision auto on these timings (the fastest gated artifact, batch 1; the denoiser at its CFG batch 2):")
     mark_auto(rows, manifest, "p50_ms")

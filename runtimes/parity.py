@@ -23,6 +23,7 @@ from dcae_edge.compare import compare, passes
 
 from .backends import RuntimeUnavailable
 from .pipeline import BundleError, Pipeline, read_manifest
+from .precision import gate_family, openvino_artifacts, openvino_precisions
 from .reference import load_reference
 
 INT8_GATES = {"vae_decoder": {"min_psnr": 32.0}, "vae_encoder": {"min_cosine": 0.99}, "transformer": {"min_cosine": 0.99}}
@@ -36,16 +37,14 @@ def combos(artifact_key: str) -> list[tuple[str, str]]:
     if fmt == "onnx":
         return [("onnxruntime", prec)]
     if fmt == "openvino":
-        if prec in ("fp32", "fp16w"):
-            return [("openvino", "fp32"), ("openvino", "bf16")]
-        return [("openvino", "int8"), ("openvino", "int8-bf16")] if prec == "int8" else [("openvino", prec)]
+        return [("openvino", p) for p in openvino_precisions(prec)]
     if fmt == "coreml":
         return [("coreml", {"int8w": "int8"}.get(prec, prec))]
     return []
 
 
 def tolerance(manifest: dict, graph: str, precision: str) -> dict:
-    if precision in ("int8", "int8-bf16"):  # the calibration gates, whatever the float remainder runs at
+    if gate_family(precision) == "int8":  # the calibration gates, whatever the float remainder runs at
         gates = (manifest["graphs"][graph].get("int8_gates") or INT8_GATES[graph])
         return dict(gates)
     tols = manifest["graphs"][graph].get("tolerances", {})
@@ -138,7 +137,7 @@ def check_golden(bundle: Path, backend: str = "onnxruntime", precision: str = "f
         rows.append({"what": what, "pass": bool(good), "tolerance": tol, **{k: v for k, v in m.items() if k != "ref_max_abs"}})
 
     def tolerance_for(graph: str) -> dict:
-        return tolerance(manifest, graph, precision) if precision not in ("int8", "int8-bf16") else INT8_GATES[graph]
+        return INT8_GATES[graph] if gate_family(precision) == "int8" else tolerance(manifest, graph, precision)
 
     def run_graph(graph: str, feeds: dict) -> np.ndarray:
         runner = pipe._runner(graph)
@@ -171,7 +170,7 @@ def check_golden(bundle: Path, backend: str = "onnxruntime", precision: str = "f
         meta = manifest["golden"]
         images, z = pipe.generate(meta.get("classes"), seed=meta.get("seed", 0), latents=g["noise"], return_latents=True,
                                   n=g["noise"].shape[0])
-        gen_tol = tol_all["generation"].get({"int8-bf16": "int8"}.get(precision, precision), tol_all["generation"]["fp32"])
+        gen_tol = tol_all["generation"].get(gate_family(precision), tol_all["generation"]["fp32"])
         row("generation: latents", g["latents"], z, gen_tol)
         if "image" in g:
             row("generation: image", g["image"], images, gen_tol)
@@ -189,8 +188,7 @@ def semantic_runtimes(manifest: dict) -> list[tuple[str, str, dict, str]]:
             if backend == "coreml" and platform.system() != "Darwin":
                 continue
             prefix = {"onnxruntime": "onnx", "openvino": "openvino"}.get(backend, backend)
-            dkey = {"bf16": "openvino/fp32", "int8-bf16": "openvino/int8"}.get(precision, f"{prefix}/{precision}") \
-                if backend == "openvino" else f"{prefix}/{precision}"
+            dkey = openvino_artifacts(precision)[0] if backend == "openvino" else f"{prefix}/{precision}"
             dprec = precision if dkey in dec else "fp32"
             out.append((backend, f"{backend} {precision}" + (f" (decoder {dprec})" if dprec != precision else ""),
                         {"transformer": precision, "vae_decoder": dprec}, "onnx"))

@@ -21,7 +21,8 @@ from dcae_edge import schedules
 from dcae_edge.files import sha256_file
 
 from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
-                       TorchGraph, openvino_hint)
+                       TorchGraph)
+from .precision import OPENVINO_ONLY, openvino_artifacts, openvino_hint
 from .images import as_model_input
 from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
@@ -30,7 +31,6 @@ SUPPORTED_MANIFEST_VERSION = 1
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int8-bf16")
 # OpenVINO only: the INT8 graph with its float remainder (norms, activations, layers kept in float) in
 # bf16 instead of f32 -- faster where the CPU has native bf16, gated on its own at calibration
-OPENVINO_ONLY = ("bf16", "int8-bf16")
 
 
 class BundleError(ValueError):
@@ -145,10 +145,8 @@ class Pipeline:
         if precision in OPENVINO_ONLY and self.backend != "openvino":
             raise BundleError(f"{graph}: precision {precision!r} is an OpenVINO precision; backend {self.backend!r} runs "
                               "fp32 / fp16 / int8 (or precision='auto')")
-        if self.backend == "openvino" and precision in ("fp32", "bf16"):
-            keys = ["openvino/fp32", "openvino/fp16w"]
-        elif self.backend == "openvino" and precision == "int8-bf16":
-            keys = ["openvino/int8"]
+        if self.backend == "openvino":
+            keys = openvino_artifacts(precision)
         elif self.backend == "coreml":
             keys = {"fp16": ["coreml/fp16", "coreml/fp32"], "fp32": ["coreml/fp32"],
                     "int8": ["coreml/int8w", "coreml/int8"]}.get(precision, [])

@@ -18,14 +18,47 @@ from pathlib import Path
 
 import numpy as np
 
+# OpenVINO's runtime precisions are (IR, INFERENCE_PRECISION_HINT) pairs: which IR files each reads (in order
+# of preference), the hint it compiles them with, and whose quality gates judge it (the INT8 IR is judged by
+# the INT8 gates whatever its float remainder runs at). Pipeline, parity, semantic parity and the
+# benchmarks all read this one table.
+OPENVINO_PRECISIONS = {"fp32": (("fp32", "fp16w"), "f32", "fp32"),
+                       "bf16": (("fp32", "fp16w"), "bf16", "bf16"),
+                       "int8": (("int8",), "f32", "int8"),
+                       "int8-bf16": (("int8",), "bf16", "int8")}
+
+
+def openvino_artifacts(precision: str) -> list[str]:
+    """Artifact keys an OpenVINO precision can load, preferred first (unknown precisions: their own IR)."""
+    irs = OPENVINO_PRECISIONS.get(precision, ((precision,),))[0]
+    return [f"openvino/{ir}" for ir in irs]
+
+
+def openvino_precisions(ir: str) -> tuple[str, ...]:
+    """The runtime precisions that run one OpenVINO IR (fp32 -> fp32 and bf16; int8 -> int8 and int8-bf16)."""
+    return tuple(p for p, (irs, _, _) in OPENVINO_PRECISIONS.items() if ir in irs) or (ir,)
+
+
+def gate_family(precision: str) -> str:
+    """Which tolerances judge a precision: int8-bf16 is held to the INT8 gates, the rest to their own."""
+    return OPENVINO_PRECISIONS.get(precision, (None, None, precision))[2]
+
+
+def openvino_hint(precision: str) -> str:
+    """INFERENCE_PRECISION_HINT for a runtime precision: bf16 runs the fp32 IR's float ops in bf16,
+    int8-bf16 the INT8 IR's float remainder; everything else runs f32 (exact parity)."""
+    return OPENVINO_PRECISIONS.get(precision, (None, "f32"))[1]
+
+
 # per backend, the precisions that can stand for a graph and the artifact keys that carry them
-CANDIDATES = {"onnxruntime": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16", "int8", "int8-bf16"),
+CANDIDATES = {"onnxruntime": ("fp32", "fp16", "int8"), "openvino": tuple(OPENVINO_PRECISIONS),
               "executorch": ("fp32", "int8"), "coreml": ("fp16", "int8", "fp32"), "torch": ("fp32",)}
 GATE_KEYS = {"onnxruntime": {"fp32": "onnx/fp32", "fp16": "onnx/fp16", "int8": "onnx/int8"},
-             "openvino": {"fp32": "openvino/fp32", "bf16": "openvino/fp32", "int8": "openvino/int8",
-                          "int8-bf16": "openvino/int8"},
+             "openvino": {p: openvino_artifacts(p)[0] for p in OPENVINO_PRECISIONS},
              "executorch": {"fp32": "pte/fp32", "int8": "pte/int8"},
              "coreml": {"fp16": "coreml/fp16", "int8": "coreml/int8w", "fp32": "coreml/fp32"}}
+# precisions only OpenVINO runs (an error elsewhere, not a silent fallback)
+OPENVINO_ONLY = tuple(p for p in CANDIDATES["openvino"] if not any(p in c for b, c in CANDIDATES.items() if b != "openvino"))
 
 
 def cpu_model() -> str:

@@ -66,6 +66,24 @@ def test_int8_with_bf16_remainder_needs_both_gates():
     assert [r["precision"] for r in rows if r.get("auto")] == ["int8 (+f32)"]
 
 
+def test_every_openvino_precision_is_run_judged_and_benchmarked_from_one_table(tmp_path):
+    """Which IR an OpenVINO precision reads, at which hint, under which gates: the pipeline, parity,
+    semantic parity and runtimes.bench all take it from precision.OPENVINO_PRECISIONS."""
+    from runtimes.bench import bundle_configs
+    from runtimes.parity import combos, tolerance
+
+    assert P.OPENVINO_ONLY == ("bf16", "int8-bf16")
+    assert [P.openvino_hint(p) for p in ("fp32", "bf16", "int8", "int8-bf16", "fp16")] == ["f32", "bf16", "f32", "bf16", "f32"]
+    assert combos("openvino/int8") == [("openvino", "int8"), ("openvino", "int8-bf16")]
+    assert combos("openvino/fp16w") == [("openvino", "fp32"), ("openvino", "bf16")]
+    manifest = {"graphs": {"vae_decoder": {"artifacts": {"openvino/fp32": {"files": ["a.xml"]}, "openvino/int8": {"files": ["b.xml"]}},
+                                           "int8_gates": {"min_psnr": 33.0}}}}
+    runs = {(p, path.name) for _, backend, p, path in bundle_configs(tmp_path, manifest) if backend == "openvino"}
+    assert runs == {("fp32", "a.xml"), ("bf16", "a.xml"), ("int8", "b.xml"), ("int8-bf16", "b.xml")}
+    assert {p: P.openvino_artifacts(p)[0] for p, _ in runs} == {p: P.GATE_KEYS["openvino"][p] for p, _ in runs}
+    assert tolerance(manifest, "vae_decoder", "int8-bf16") == tolerance(manifest, "vae_decoder", "int8") == {"min_psnr": 33.0}
+
+
 def test_benchmarks_mark_what_auto_picks_at_its_probe_batch():
     """runtimes.bench and scripts/bench_int8.py mark auto's choice with the same rule; a faster
     artifact whose gate failed, a baseline or another batch is never marked."""
