@@ -37,6 +37,11 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert "validation_bf16" in art  # the CPU's default precision is measured separately
         assert (out / graph / "openvino_model.xml").is_file() and (out / graph / "openvino_model.bin").is_file()
     assert m["graphs"]["vae_decoder"]["artifacts"]["openvino/fp32"]["runtime_options"] == {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
+    # pixel_unshuffle / pixel_shuffle are one SpaceToDepth / DepthToSpace each, not Reshape-Transpose-Reshape
+    # (the validation above holds them to torch's channel order)
+    for graph, op in (("vae_encoder", "SpaceToDepth"), ("vae_decoder", "DepthToSpace")):
+        xml = (out / graph / "openvino_model.xml").read_text()
+        assert f'type="{op}"' in xml and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
 
 
 def test_large_graphs_convert_through_onnx_after_freeing_torch_weights(f64_files, capsys):
