@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from dcae_edge.compare import compare
+from dcae_edge.timing import time_calls
 from export.openvino import ov_runner
 
 from . import CalibrationError
@@ -240,11 +241,30 @@ class OpenVinoBackend(Backend):
                 acc[info.node_name] += info.real_time.total_seconds() * 1000
         return {k: v / runs for k, v in acc.items()}
 
+    def default_hint(self) -> str:
+        """The CPU plugin's default float precision here: bf16 where the CPU has native bf16, else f32."""
+        return "bf16" if "bf16" in self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name() else "f32"
+
+    def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
+        """Median ms of whole INT8 graphs at the default hint, measured in interleaved rounds (on a shared
+        machine a slow spell then hits every candidate alike)."""
+        feeds = self.feeds[graph][0]
+        requests = []
+        for a in attempts:
+            request = self.core.compile_model(a.handle, "CPU", {"INFERENCE_PRECISION_HINT": self.default_hint()}).create_infer_request()
+            for _ in range(2):
+                request.infer(feeds)
+            requests.append(request)
+        times: list[list[float]] = [[] for _ in attempts]
+        for _ in range(rounds):
+            for request, t in zip(requests, times):
+                t += time_calls(lambda: request.infer(feeds), runs, 0)  # noqa: B023 - called at once
+        return [round(float(np.median(t)), 3) for t in times]
+
     def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
         """Quantized ops whose INT8 node (with its fused quantize/dequantize) runs no faster than the
         same op in the float graph at the CPU's default precision: keep those in float."""
-        hint = self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-        hint = "bf16" if "bf16" in hint else "f32"
+        hint = self.default_hint()
         feeds = self.feeds[graph][0]
         t_float = self.layer_times(self._read(graph), feeds, hint)
         t_int8 = self.layer_times(attempt.handle, feeds, hint)

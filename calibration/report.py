@@ -26,6 +26,7 @@ def _details(backend, results, calib, held) -> dict:
                 "layer_latency": o.attempt.extra.get("layer_latency", []),
                 "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", []),
                 "int8_faster_nowhere": bool(o.attempt.extra.get("int8_faster_nowhere")),
+                "latency_check": o.attempt.extra.get("latency_check"),
                 "validation_bf16": o.attempt.extra.get("validation_bf16")}
             for g, o in results.items()}
 
@@ -70,6 +71,11 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                       f"ops take {sum(r[other] for r in rows):.1f} ms in {other[:-3]} and {int8_total:.1f} ms in the mix.", "",
                       f"| op | INT8 ms | {other[:-3]} ms | runs in |", "|---|---|---|---|"]
             lines += [f"| `{r['node']}` | {r['int8_ms']} | {r[other]} | {'INT8' if r['int8'] else other[:-3]} |" for r in rows]
+            check = d.get("latency_check")
+            if check:
+                kept = "kept" if d.get("kept_float_for_speed") else "not kept: the accuracy-chosen INT8 graph stays"
+                lines += ["", f"End to end at {check['hint']} (interleaved medians): the mix {check['mix_ms']} ms vs "
+                          f"{check['accuracy_chosen_ms']} ms for the accuracy-chosen INT8 graph; the mix is {kept}."]
             if d.get("int8_faster_nowhere"):
                 lines += ["", f"No op was faster in INT8 than in {other[:-3]} on this CPU: the INT8 graph is kept for its "
                           "size (int8 weights), and float is the faster choice here."]

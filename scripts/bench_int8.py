@@ -1,13 +1,14 @@
 """CPU latency of a bundle's graphs: fp32, bf16 and INT8, per backend (a benchmark, not a test).
 
-    python scripts/bench_int8.py --bundle exports/f64 --out docs/bench_int8_f64 --repeats 10
+    python scripts/bench_int8.py --bundle exports/f64 --out docs/bench_int8_f64 --repeats 20 --rounds 5
 
 Runs every graph that has the artifacts: onnxruntime fp32 (``onnx/fp32``) and INT8 (``onnx/int8``);
 OpenVINO f32 and bf16 (``openvino/fp32`` compiled with INFERENCE_PRECISION_HINT f32 / bf16) and
 INT8 (``openvino/int8``, its float remainder in f32 and in bf16). Core ML needs macOS to run and is
 listed as skipped elsewhere. Protocol: 2 threads pinned to 2 cores (ORT intra-op threads, OV
 INFERENCE_NUM_THREADS + CPU pinning + LATENCY hint), a cold first run reported apart (session
-creation / compile included), --warmup runs, then the median (and p90) of --repeats timed runs, on
+creation / compile included), --warmup runs, then the median (and p90) of --repeats timed runs taken
+in --rounds interleaved rounds (all configurations of a graph loaded at once, taking turns), on
 real inputs (packaged photos, their fp32 latents, a mid-trajectory denoiser batch). Each output is
 compared with its backend's fp32 output (PSNR, cosine), and the calibration gates recorded in the
 manifest are quoted. Writes OUT.json and OUT.md; the verdict says whether the INT8 decoder is at
@@ -75,14 +76,10 @@ def example_inputs(manifest: dict, bundle: Path) -> dict[str, dict]:
     return {g: f for g, f in feeds.items() if g in graphs}  # a partial bundle: only the graphs it has
 
 
-def time_runs(make, feeds: dict, warmup: int, repeats: int) -> dict:
-    t = time.perf_counter()
-    run = make()
-    out = run(feeds)
-    cold = (time.perf_counter() - t) * 1000
-    times = sorted(time_calls(lambda: run(feeds), repeats, warmup))
+def timing_stats(times: list[float], cold: float) -> dict:
+    times = sorted(times)
     return {"median_ms": round(statistics.median(times), 2), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
-            "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": repeats, "output": out}
+            "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": len(times)}
 
 
 def ort_maker(path: Path):
@@ -136,13 +133,25 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
 
 
 def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> list[dict]:
-    rows, reference = [], {}
+    """Every configuration of one graph is loaded (cold time apart) and warmed up first; then they take
+    turns, --rounds rounds of repeats/rounds runs each, so that a noisy neighbour or a clock change on a
+    shared machine hits all of them alike instead of whichever ran at the time."""
+    rows, reference, loaded = [], {}, []
     for backend, precision, make in configs(manifest, bundle, graph):
         if make is None:
             rows.append({"graph": graph, "backend": backend, "precision": precision, "skipped": "Core ML runs on macOS only"})
             continue
-        r = time_runs(make, feeds, args.warmup, args.repeats)
-        out = r.pop("output")
+        t = time.perf_counter()
+        run = make()
+        out = run(feeds)
+        loaded.append((backend, precision, run, out, (time.perf_counter() - t) * 1000, []))
+        time_calls(lambda: run(feeds), 0, args.warmup)
+    per_round = max(1, -(-args.repeats // args.rounds))
+    for _ in range(args.rounds):
+        for _, _, run, _, _, times in loaded:
+            times += time_calls(lambda: run(feeds), per_round, 0)  # noqa: B023 - called at once
+    for backend, precision, _, out, cold, times in loaded:
+        r = timing_stats(times, cold)
         reference.setdefault(backend, out)  # the first (fp32) configuration of each backend
         m = compare(reference[backend], out)
         rows.append({"graph": graph, "backend": backend, "precision": precision, **r,
@@ -189,7 +198,7 @@ def store_timings(bundle: Path, timings: dict) -> None:
 def markdown(report: dict) -> str:
     lines = [f"# INT8 vs fp32 / bf16 latency: {report['bundle']}", "",
              f"{report['cpu']}; {THREADS} threads pinned to CPUs {report['cpus']}; warm-up {report['warmup']}, median of "
-             f"{report['repeats']}; resolution {report['resolution']}px; versions {report['versions']}", "",
+             f"{report['repeats']} runs taken in {report.get('rounds', 1)} interleaved rounds; resolution {report['resolution']}px; versions {report['versions']}", "",
              "**auto** marks what `precision=\"auto\"` picks on this CPU (the fastest artifact that passed its gate).", "",
              "| graph | backend | precision | median ms | p90 ms | cold ms | speed-up vs fp32 | PSNR vs fp32 dB | cosine |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -215,7 +224,8 @@ def main(argv=None):
     ap.add_argument("--graphs", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/bench_int8"), help="writes OUT.json and OUT.md")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=20, help="timed runs per configuration, in all")
+    ap.add_argument("--rounds", type=int, default=5, help="the configurations of a graph take turns this many times")
     ap.add_argument("--target", type=float, default=1.5, help="wanted INT8 speed-up over OpenVINO bf16 (decoder)")
     ap.add_argument("--store", action="store_true", help="store the timings in the bundle for this CPU (precision=auto)")
     ap.add_argument("--max-loss", type=float, default=0.3, help="allowed end-to-end PSNR loss, dB")
@@ -235,7 +245,7 @@ def main(argv=None):
     if args.store:
         store_timings(args.bundle, timings)
     report = {"bundle": str(args.bundle), "variant": manifest.get("variant"), "resolution": manifest["resolution"],
-              "cpu": cpu_model(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats,
+              "cpu": cpu_model(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
               "versions": package_versions("onnxruntime", "openvino", "nncf"), "rows": rows, "reference": REFERENCE,
               "verdict": verdict(rows, manifest, args.target, args.max_loss),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
