@@ -70,6 +70,9 @@ def parse(argv=None):
     g.add_argument("--transformer-min-cosine", type=float, default=0.99)
     g.add_argument("--max-e2e-drop", type=float, default=0.3, help="reconstruction PSNR drop vs the photos, dB")
     g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each keeps twice as many nodes in float)")
+    ap.add_argument("--skip-failed-graphs", action="store_true",
+                    help="write the graphs that pass their gates and leave out (with a message) those that do not, "
+                         "instead of writing nothing; the end-to-end gate still holds")
     ap.add_argument("--no-latency-aware", dest="latency_aware", action="store_false",
                     help="OpenVINO: quantize every op that passes the gate, even where INT8 is slower on this CPU")
     g.add_argument("--max-excluded", type=float, default=0.5,
@@ -225,7 +228,7 @@ def artifact_info(backend, graph: str, outcome: Outcome, calib: FeedSet, held: F
             **outcome.attempt.extra}
 
 
-def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images, gates: Gates) -> Path:
+def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images, gates: Gates, skipped: dict) -> Path:
     from .report import write_reports
 
     with bundle_transaction(args.bundle) as stage:
@@ -237,6 +240,7 @@ def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images,
         summary = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": backend.key,
                    "graphs": list(results), "gates": {**{g: o.gate for g, o in results.items()}, "end_to_end": e2e},
                    "thresholds": vars(gates), "settings": backend.settings(),
+                   **({"graphs_left_out": {g: why.split(". Kept in float")[0] for g, why in skipped.items()}} if skipped else {}),
                    "versions": package_versions("onnxruntime", "openvino", "nncf", "coremltools", "numpy")}
         summary["report"] = write_reports(stage, backend, results, calib, held, summary, images)
         manifest.setdefault("calibration", {})[backend.name] = summary
@@ -264,14 +268,21 @@ def main(argv=None):
         fp32 = Fp32(backend)
         calib, held = build_sets(manifest, graphs, opts, fp32, backend.model_id)
         results = {g: calibrate_graph(backend, g, calib[g], held[g], gates, fp32, args) for g in graphs}
-        failed = [failure_message(g, o, partial(describe_gate, g), args.max_rounds, args.max_excluded)
-                  for g, o in results.items() if not o.gate["pass"]]
+        failed = {g: failure_message(g, o, partial(describe_gate, g), args.max_rounds, args.max_excluded)
+                  for g, o in results.items() if not o.gate["pass"]}
+        skipped = {}
+        if failed and args.skip_failed_graphs and len(failed) < len(results):
+            skipped, failed = failed, {}
+            results = {g: o for g, o in results.items() if g not in skipped}
+            for g, why in skipped.items():
+                why = why.split(". Kept in float")[0]
+                print(f"\n  --skip-failed-graphs: {g} gets no {backend.key} artifact ({why})", flush=True)
         e2e, images = end_to_end(backend, results, held, gates, fp32, manifest) if not failed else (None, None)
         if e2e is not None and not e2e["pass"]:
-            failed.append(f"{describe_e2e(e2e)} (--max-e2e-drop)")
+            failed["end_to_end"] = f"{describe_e2e(e2e)} (--max-e2e-drop)"
         if failed:
-            raise GateFailed("\n  ".join(failed))
-        report = commit(args, backend, results, calib, held, e2e, images, gates)
+            raise GateFailed("\n  ".join(failed.values()))
+        report = commit(args, backend, results, calib, held, e2e, images, gates, skipped)
     summarize(read_manifest(args.bundle), args.bundle)
     print(f"INT8 artifacts written in {time.perf_counter() - t0:.0f} s; report {report}")
 

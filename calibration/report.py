@@ -39,6 +39,8 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
     for g, d in details.items():
         gate = d["gate"]
         lines.append(f"| {g} | {gate['metric']} | {gate['value']:.4f} | {gate['threshold']} | {'yes' if gate['pass'] else 'NO'} |")
+    for g, why in summary.get("graphs_left_out", {}).items():
+        lines.append(f"| {g} | left out (--skip-failed-graphs) | {why} | | NO |")
     e2e = summary["gates"].get("end_to_end")
     if e2e:
         lines.append(f"| end to end ({' + '.join(e2e['int8_graphs'])} INT8) | PSNR drop vs photos (dB) | {e2e['value']:.3f} "

@@ -6,8 +6,8 @@ set -euo pipefail
 B=${B:-exports/f64}
 python -m export.onnx --variant f64 --fp16 --out "$B"
 python -m export.openvino --variant f64 --out "$B"
-# the digit transformer has missed ORT INT8's gate so far (cosine ~0.986 < 0.99): then the autoencoder alone
-python -m calibration --bundle "$B" --backend onnxruntime || python -m calibration --bundle "$B" --backend onnxruntime --graphs vae_encoder vae_decoder
+# the digit transformer has missed ORT INT8's gate so far (cosine ~0.986 < 0.99): it is left out, the autoencoder written
+python -m calibration --bundle "$B" --backend onnxruntime --skip-failed-graphs
 python -m calibration --bundle "$B" --backend openvino
 python -m calibration --bundle "$B" --backend coreml --graphs vae_encoder vae_decoder || true  # Core ML weights: needs the package
 python -m export.mobile --bundle "$B"

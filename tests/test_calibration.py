@@ -242,6 +242,22 @@ def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, data_dir, capsy
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".bundle")]  # no staging/backup left over
 
 
+def test_skip_failed_graphs_writes_the_graphs_that_pass(copy, data_dir, capsys):
+    """--skip-failed-graphs: a graph that misses its gate gets no artifact (said, and recorded), the others are
+    written in the same run; without the flag the same run writes nothing."""
+    args = ("--graphs", "vae_decoder", "transformer", "--transformer-min-cosine", "1.01", "--max-rounds", "1")
+    assert calibrate(copy, "onnxruntime", data_dir, *args) == 1
+    assert "onnx/int8" not in manifest(copy)["graphs"]["vae_decoder"]["artifacts"]
+    assert calibrate(copy, "onnxruntime", data_dir, *args, "--skip-failed-graphs") == 0
+    said = capsys.readouterr().out
+    assert "--skip-failed-graphs: transformer gets no onnx/int8 artifact (transformer INT8 misses its gate" in said
+    m = manifest(copy)
+    assert m["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]["validation"]["pass"]
+    assert "onnx/int8" not in m["graphs"]["transformer"]["artifacts"]
+    assert list(m["calibration"]["onnxruntime"]["graphs_left_out"]) == ["transformer"]
+    assert "| transformer | left out (--skip-failed-graphs) |" in (copy / "calibration" / "onnxruntime.md").read_text()
+
+
 def _npz(tmp_path, **arrays):
     path = tmp_path / "set.npz"
     np.savez(path, **arrays)
