@@ -240,7 +240,7 @@ def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images,
         summary = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": backend.key,
                    "graphs": list(results), "gates": {**{g: o.gate for g, o in results.items()}, "end_to_end": e2e},
                    "thresholds": vars(gates), "settings": backend.settings(),
-                   **({"graphs_left_out": {g: why.split(". Kept in float")[0] for g, why in skipped.items()}} if skipped else {}),
+                   **({"graphs_left_out": skipped} if skipped else {}),
                    "versions": package_versions("onnxruntime", "openvino", "nncf", "coremltools", "numpy")}
         summary["report"] = write_reports(stage, backend, results, calib, held, summary, images)
         manifest.setdefault("calibration", {})[backend.name] = summary
@@ -272,10 +272,9 @@ def main(argv=None):
                   for g, o in results.items() if not o.gate["pass"]}
         skipped = {}
         if failed and args.skip_failed_graphs and len(failed) < len(results):
-            skipped, failed = failed, {}
+            skipped, failed = {g: why.split(". Kept in float")[0] for g, why in failed.items()}, {}
             results = {g: o for g, o in results.items() if g not in skipped}
             for g, why in skipped.items():
-                why = why.split(". Kept in float")[0]
                 print(f"\n  --skip-failed-graphs: {g} gets no {backend.key} artifact ({why})", flush=True)
         e2e, images = end_to_end(backend, results, held, gates, fp32, manifest) if not failed else (None, None)
         if e2e is not None and not e2e["pass"]:
