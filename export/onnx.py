@@ -63,6 +63,40 @@ def _dims_for_dynamo(spec: GraphSpec, dynamic: bool) -> dict:
     return shapes
 
 
+# pixel_unshuffle as SpaceToDepth + a channel regrouping instead of the exporters' 6-D Reshape-Transpose-
+# Reshape: ONNX's SpaceToDepth puts the block offset before the channel (torch puts it after), so the
+# channels are regrouped with a transpose that moves whole H*W planes. Bit-exact, and onnxruntime's
+# generic 6-D transpose was 42 of 103 ms of the bundled f64 encoder at 512² (AMD EPYC, 2 threads; the
+# encoder's kernels 88 -> 65 ms). Every shape is taken from the input: onnxslim's shape inference gets
+# SpaceToDepth's channel count wrong (C*r instead of C*r*r), so nothing may be derived from its output.
+def _pixel_unshuffle_torchscript(g, self, downscale_factor):
+    import torch
+    from torch.onnx import symbolic_helper as sh
+
+    r = sh._get_const(downscale_factor, "i", "downscale_factor")
+    const = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))  # noqa: E731
+    shape = g.op("Shape", self)
+    part = lambda a, b: g.op("Slice", shape, const([a]), const([b]))  # noqa: E731
+    blocks = g.op("SpaceToDepth", self, blocksize_i=r)  # N, (r*r, C), H/r, W/r
+    split = g.op("Concat", part(0, 1), const([r * r]), part(1, 2), const([-1]), axis_i=0)
+    grouped = g.op("Transpose", g.op("Reshape", blocks, split), perm_i=[0, 2, 1, 3])  # N, C, r*r, H*W/r^2
+    out = g.op("Concat", part(0, 1), g.op("Mul", part(1, 2), const([r * r])), g.op("Div", part(2, 4), const([r])), axis_i=0)
+    return g.op("Reshape", grouped, out)
+
+
+def _pixel_unshuffle_dynamo(self, downscale_factor: int):
+    from onnxscript import opset18 as op
+
+    r = downscale_factor
+    blocks = op.SpaceToDepth(self, blocksize=r)
+    n, c = op.Shape(self, start=0, end=1), op.Shape(self, start=1, end=2)
+    split = op.Concat(n, op.Constant(value_ints=[r * r]), c, op.Constant(value_ints=[-1]), axis=0)
+    grouped = op.Transpose(op.Reshape(blocks, split), perm=[0, 2, 1, 3])
+    out = op.Concat(n, op.Mul(c, op.Constant(value_ints=[r * r])),
+                    op.Div(op.Shape(self, start=2, end=4), op.Constant(value_ints=[r])), axis=0)
+    return op.Reshape(grouped, out)
+
+
 def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset: int, exporter: str,
                  lean_above_mb: float = LEAN_ABOVE_MB) -> dict:
     import gc
@@ -87,8 +121,10 @@ def export_graph(spec: GraphSpec, path: Path, sizes: dict, dynamic: bool, opset:
         if exporter == "dynamo":
             torch.onnx.export(spec.module, args, str(path), dynamo=True, opset_version=opset, input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_shapes=_dims_for_dynamo(spec, dynamic),
-                              external_data=external, optimize=True, verbose=False)
+                              external_data=external, optimize=True, verbose=False,
+                              custom_translation_table={torch.ops.aten.pixel_unshuffle.default: _pixel_unshuffle_dynamo})
         else:
+            torch.onnx.register_custom_op_symbolic("aten::pixel_unshuffle", _pixel_unshuffle_torchscript, opset)
             torch.onnx.export(spec.module, args, str(path), dynamo=False, opset_version=opset, input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(dynamic),
                               do_constant_folding=True)
