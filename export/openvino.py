@@ -58,8 +58,7 @@ def frontend_extensions() -> list:
     the CPU plugin runs in its generic Transpose with layout reorders around it. Interleaved medians,
     AMD EPYC (AVX-512 bf16/VNNI), 2 threads, bundled f64 at 512²: encoder bf16 41.3 -> 27.7 ms,
     INT8+bf16 39.1 -> 24.3 ms; decoder bf16 35.5 -> 32.3 ms, INT8+bf16 29.8 -> 27.0 ms. (The ONNX path,
-    for weights over --lean-above, already has DepthToSpace for pixel_shuffle; ONNX has no
-    SpaceToDepth with torch's order, so pixel_unshuffle stays a transpose there.)"""
+    for weights over --lean-above, reads export.onnx's DepthToSpace and SpaceToDepth + regrouping.)"""
     import openvino.opset13 as ops
     from openvino.frontend import ConversionExtension
 
