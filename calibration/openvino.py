@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from dcae_edge.compare import compare
-from dcae_edge.timing import time_calls
+from dcae_edge.timing import time_interleaved
 from export.openvino import ov_runner
 
 from . import CalibrationError
@@ -255,10 +255,7 @@ class OpenVinoBackend(Backend):
             for _ in range(2):
                 request.infer(feeds)
             requests.append(request)
-        times: list[list[float]] = [[] for _ in attempts]
-        for _ in range(rounds):
-            for request, t in zip(requests, times):
-                t += time_calls(lambda: request.infer(feeds), runs, 0)  # noqa: B023 - called at once
+        times = time_interleaved([lambda r=r: r.infer(feeds) for r in requests], runs, rounds)
         return [round(float(np.median(t)), 3) for t in times]
 
     def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:

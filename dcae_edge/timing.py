@@ -29,6 +29,17 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1,
     return times
 
 
+def time_interleaved(fns: list[Callable[[], object]], runs: int, rounds: int) -> list[list[float]]:
+    """Milliseconds of each callable (warm already), taken in ``rounds`` rounds in which each one runs
+    ``runs`` times in turn: on a shared machine a slow spell then hits every candidate alike, instead
+    of whichever happened to be running. Returns one list of times per callable."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, t in zip(fns, times):
+            t += time_calls(fn, runs, 0)
+    return times
+
+
 def run_measured(cmd: list[str], cwd=None, env=None) -> dict:
     """Run a command in its own process; its wall time and *its own* peak RSS (``os.wait4`` reports
     the one child's rusage; RUSAGE_CHILDREN would be the maximum over every child so far)."""

@@ -28,9 +28,7 @@ from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
 
 SUPPORTED_MANIFEST_VERSION = 1
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int8-bf16")
-# OpenVINO only: the INT8 graph with its float remainder (norms, activations, layers kept in float) in
-# bf16 instead of f32 -- faster where the CPU has native bf16, gated on its own at calibration
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int8-bf16")  # bf16 / int8-bf16: OpenVINO only (precision.py)
 
 
 class BundleError(ValueError):

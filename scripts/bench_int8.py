@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcae_edge.compare import compare  # noqa: E402
-from dcae_edge.timing import time_calls  # noqa: E402
+from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
 from runtimes.precision import cpu_model, mark_auto  # noqa: E402
 
@@ -144,13 +144,11 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
         t = time.perf_counter()
         run = make()
         out = run(feeds)
-        loaded.append((backend, precision, run, out, (time.perf_counter() - t) * 1000, []))
+        loaded.append((backend, precision, run, out, (time.perf_counter() - t) * 1000))
         time_calls(lambda: run(feeds), 0, args.warmup)
     per_round = max(1, -(-args.repeats // args.rounds))
-    for _ in range(args.rounds):
-        for _, _, run, _, _, times in loaded:
-            times += time_calls(lambda: run(feeds), per_round, 0)  # noqa: B023 - called at once
-    for backend, precision, _, out, cold, times in loaded:
+    all_times = time_interleaved([lambda run=run: run(feeds) for _, _, run, _, _ in loaded], per_round, args.rounds)
+    for (backend, precision, _, out, cold), times in zip(loaded, all_times):
         r = timing_stats(times, cold)
         reference.setdefault(backend, out)  # the first (fp32) configuration of each backend
         m = compare(reference[backend], out)
