@@ -31,7 +31,7 @@ import numpy as np
 
 from dcae_edge.compare import compare
 from dcae_edge.timing import time_interleaved
-from export.openvino import ov_runner
+from export.openvino import ov_runner, profile_nodes
 
 from . import CalibrationError
 from .backend import Backend, log_level
@@ -230,16 +230,10 @@ class OpenVinoBackend(Backend):
     def layer_times(self, model, feeds: dict, hint: str, runs: int = 5) -> dict[str, float]:
         """Mean ms per executed node (OpenVINO performance counters), at ``hint`` (the float part's
         precision: this CPU's default, bf16 where it has native bf16)."""
-        compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
-        request = compiled.create_infer_request()
-        for _ in range(2):
-            request.infer(feeds)
         acc: collections.Counter = collections.Counter()
-        for _ in range(runs):
-            request.infer(feeds)
-            for info in request.get_profiling_info():
-                acc[info.node_name] += info.real_time.total_seconds() * 1000
-        return {k: v / runs for k, v in acc.items()}
+        for (name, _, _), ms in profile_nodes(self.core, model, feeds, hint, runs).items():
+            acc[name] += ms
+        return dict(acc)
 
     def default_hint(self) -> str:
         """The CPU plugin's default float precision here: bf16 where the CPU has native bf16, else f32."""

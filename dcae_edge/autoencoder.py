@@ -284,11 +284,14 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
             y = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        else:
-            y = F.pixel_shuffle(self.conv(x), 2)
+            return y + channel_to_space_duplicate(x, self.out_channels) if self.shortcut else y
+        y = self.conv(x)
         if self.shortcut:
-            y = y + channel_to_space_duplicate(x, self.out_channels)
-        return y
+            # = pixel_shuffle(y) + channel_to_space_duplicate(x), bit for bit (pixel_shuffle only moves
+            # values), with one pixel_shuffle instead of two and the add at the lower resolution:
+            # OpenVINO bf16 decoder 46.6 -> 41.0 ms (bundled f64 at 512², AMD EPYC, 2 threads)
+            y = y + duplicate_channels(x, y.shape[1] // x.shape[1])
+        return F.pixel_shuffle(y, 2)
 
 
 def make_block(kind: str, channels: int, head_dim: int, norm: str, act: str, scales: tuple[int, ...]) -> nn.Module:

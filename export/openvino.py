@@ -166,6 +166,23 @@ def ov_runner(core, model, spec: GraphSpec, hint: str):
     return run, str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
 
 
+def profile_nodes(core, model, feeds: dict, hint: str, runs: int = 5, config: dict | None = None) -> dict[tuple[str, str, str], float]:
+    """Mean ms per executed node, keyed (node name, node type, kernel), from the CPU plugin's performance
+    counters at one INFERENCE_PRECISION_HINT (``model``: an ov.Model or an IR path)."""
+    import collections
+
+    compiled = core.compile_model(model, "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    for _ in range(2):
+        request.infer(feeds)
+    acc: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        request.infer(feeds)
+        for info in request.get_profiling_info():
+            acc[(info.node_name, info.node_type, info.exec_type)] += info.real_time.total_seconds() * 1000
+    return {k: v / runs for k, v in acc.items()}
+
+
 def median_ms(run, feeds: dict, repeats: int = 5) -> float:
     return round(statistics.median(time_calls(lambda: run(feeds), repeats)), 1)
 

@@ -7,8 +7,8 @@ OpenVINO f32 and bf16 (``openvino/fp32`` compiled with INFERENCE_PRECISION_HINT 
 INT8 (``openvino/int8``, its float remainder in f32 and in bf16). Core ML needs macOS to run and is
 listed as skipped elsewhere. Protocol: 2 threads pinned to 2 cores (ORT intra-op threads, OV
 INFERENCE_NUM_THREADS + CPU pinning + LATENCY hint), a cold first run reported apart (session
-creation / compile included), --warmup runs, then the median (and p90) of --repeats timed runs taken
-in --rounds interleaved rounds (all configurations of a graph loaded at once, taking turns), on
+creation / compile included), --warmup runs, then the median (and p90) of --repeats timed runs (rounded up to
+a multiple of --rounds) taken in --rounds interleaved rounds (all configurations of a graph loaded at once, taking turns), on
 real inputs (packaged photos, their fp32 latents, a mid-trajectory denoiser batch). Each output is
 compared with its backend's fp32 output (PSNR, cosine), and the calibration gates recorded in the
 manifest are quoted. Writes OUT.json and OUT.md; the verdict says whether the INT8 decoder is at
@@ -95,10 +95,12 @@ def ort_maker(path: Path):
     return make
 
 
+OV_CONFIG = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": True}
+
+
 def ov_maker(core, path: Path, hint: str):
     def make():
-        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": THREADS,
-                                                         "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": True})
+        compiled = core.compile_model(str(path), "CPU", {**OV_CONFIG, "INFERENCE_PRECISION_HINT": hint})
         request = compiled.create_infer_request()
         return lambda feeds: request.infer(feeds)[0].copy()
     return make
@@ -132,6 +134,11 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
     return out
 
 
+def runs_per_round(args) -> int:
+    """--repeats spread over --rounds, rounded up: each configuration runs rounds x this many times."""
+    return max(1, -(-args.repeats // args.rounds))
+
+
 def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> list[dict]:
     """Every configuration of one graph is loaded (cold time apart) and warmed up first; then they take
     turns, --rounds rounds of repeats/rounds runs each, so that a noisy neighbour or a clock change on a
@@ -146,7 +153,7 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
         out = run(feeds)
         loaded.append((backend, precision, run, out, (time.perf_counter() - t) * 1000))
         time_calls(lambda: run(feeds), 0, args.warmup)
-    per_round = max(1, -(-args.repeats // args.rounds))
+    per_round = runs_per_round(args)
     all_times = time_interleaved([lambda run=run: run(feeds) for _, _, run, _, _ in loaded], per_round, args.rounds)
     for (backend, precision, _, out, cold), times in zip(loaded, all_times):
         r = timing_stats(times, cold)
@@ -159,7 +166,57 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
     return rows
 
 
-def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float) -> list[str]:
+# kinds of CPU-plugin nodes (performance-counter node types) for the breakdown
+COMPUTE_OPS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+LAYOUT_OPS = ("Reorder", "Transpose", "DepthToSpace", "SpaceToDepth", "Broadcast", "VariadicSplit", "Split", "Concat",
+              "Pad", "Gather", "StridedSlice", "Reshape", "Interpolate")
+# INT8 dot-product instructions do twice the multiply-adds of their bf16 counterparts (AVX512-VNNI
+# vpdpbusd vs AVX512-BF16 vdpbf16ps; AMX int8 vs bf16 tiles): the most INT8 can gain on the compute ops
+INT8_COMPUTE_GAIN = 2.0
+
+
+def op_kind(node_type: str) -> str:
+    if node_type.startswith(COMPUTE_OPS):
+        return "compute"
+    if node_type.startswith(LAYOUT_OPS):
+        return "layout"
+    return "quantize" if node_type == "FakeQuantize" else "other"
+
+
+def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int = 10) -> list[dict]:
+    """Where each OpenVINO configuration spends its time (performance counters, summed per kind of op),
+    and the most INT8 could gain over bf16 on this graph: its compute twice as fast, the rest unchanged."""
+    from export.openvino import profile_nodes
+
+    arts = manifest["graphs"][graph]["artifacts"]
+    src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
+    candidates = [("f32", src, "f32"), ("bf16", src, "bf16"), ("int8 (+f32)", "openvino/int8", "f32"),
+                  ("int8 (+bf16)", "openvino/int8", "bf16")]
+    import openvino as ov
+
+    core, rows = ov.Core(), []
+    bf16_ok = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    for precision, key, hint in candidates:
+        if key not in arts or (hint == "bf16" and not bf16_ok):
+            continue
+        nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, OV_CONFIG)
+        kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
+        per_type: dict[str, float] = {}
+        for (_, node_type, kernel), ms in nodes.items():
+            kinds[op_kind(node_type)] += ms
+            if op_kind(node_type) != "compute":
+                per_type[f"{node_type} ({kernel})"] = per_type.get(f"{node_type} ({kernel})", 0.0) + ms
+        row = {"graph": graph, "precision": precision, **{f"{k}_ms": round(v, 2) for k, v in kinds.items()},
+               "total_ms": round(sum(kinds.values()), 2),
+               "largest_other": [[k, round(v, 2)] for k, v in sorted(per_type.items(), key=lambda kv: -kv[1])[:4]]}
+        if precision == "bf16":
+            rest = row["total_ms"] - kinds["compute"]
+            row["int8_ceiling_vs_bf16"] = round(row["total_ms"] / (kinds["compute"] / INT8_COMPUTE_GAIN + rest), 2)
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float, breakdowns: list[dict] = ()) -> list[str]:
     lines = []
     ms = {(r["backend"], r["precision"]): r for r in rows if r["graph"] == "vae_decoder" and "median_ms" in r}
     bf16 = ms.get(("openvino", "bf16"))
@@ -180,6 +237,10 @@ def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float) ->
         lines.append(f"INT8 cannot beat bf16 on this CPU: the AMX bf16 decoder is {1 / speedup:.2f}x faster than the best INT8 one.")
     else:
         lines.append(f"Target missed: INT8 is {speedup:.2f}x bf16" + ("" if ok_loss else " and/or the loss budget is not met") + ".")
+    ceiling = next((b["int8_ceiling_vs_bf16"] for b in breakdowns if b["graph"] == "vae_decoder" and "int8_ceiling_vs_bf16" in b), None)
+    if ceiling is not None:
+        lines.append(f"Ceiling on this graph and CPU: {ceiling:.2f}x bf16, if INT8 ran every convolution and matmul twice as fast as "
+                     "bf16 (the ISA's limit) and the rest (layout, normalisation, activations) as fast as bf16 does.")
     return lines
 
 
@@ -196,7 +257,7 @@ def store_timings(bundle: Path, timings: dict) -> None:
 def markdown(report: dict) -> str:
     lines = [f"# INT8 vs fp32 / bf16 latency: {report['bundle']}", "",
              f"{report['cpu']}; {THREADS} threads pinned to CPUs {report['cpus']}; warm-up {report['warmup']}, median of "
-             f"{report['repeats']} runs taken in {report.get('rounds', 1)} interleaved rounds; resolution {report['resolution']}px; versions {report['versions']}", "",
+             f"{report.get('runs', report['repeats'])} runs taken in {report.get('rounds', 1)} interleaved rounds; resolution {report['resolution']}px; versions {report['versions']}", "",
              "**auto** marks what `precision=\"auto\"` picks on this CPU (the fastest artifact that passed its gate).", "",
              "| graph | backend | precision | median ms | p90 ms | cold ms | speed-up vs fp32 | PSNR vs fp32 dB | cosine |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -213,6 +274,18 @@ def markdown(report: dict) -> str:
     lines += ["", "Reference (../shared/docs/machine-notes.md, a Sapphire-Rapids CPU with AMX): " + "; ".join(
         f"{k}: " + ", ".join(f"{p} {v / 1000:.2f} s" for p, v in d.items()) for k, d in REFERENCE.items()), "",
         "## Verdict", ""] + [f"- {v}" for v in report["verdict"]]
+    if report.get("breakdown"):
+        lines += ["", "## Where OpenVINO spends the time", "",
+                  f"Performance counters, ms per run summed per kind of op (compute: convolutions, matmuls; layout: reorders, "
+                  f"transposes, depth/space moves, broadcasts, splits); ceiling: total / (compute / {INT8_COMPUTE_GAIN:g} + rest), "
+                  "the most INT8 could gain over bf16 here.", "",
+                  "| graph | precision | compute | layout | quantize | other | sum | INT8 ceiling vs bf16 | largest non-compute |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for b in report["breakdown"]:
+            top = ", ".join(f"{k} {v:.1f}" for k, v in b["largest_other"])
+            ceiling = f"{b['int8_ceiling_vs_bf16']:.2f}x" if "int8_ceiling_vs_bf16" in b else ""
+            lines.append(f"| {b['graph']} | {b['precision']} | {b['compute_ms']:.1f} | {b['layout_ms']:.1f} | {b['quantize_ms']:.1f} | "
+                         f"{b['other_ms']:.1f} | {b['total_ms']:.1f} | {ceiling} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +299,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="the configurations of a graph take turns this many times")
     ap.add_argument("--target", type=float, default=1.5, help="wanted INT8 speed-up over OpenVINO bf16 (decoder)")
     ap.add_argument("--store", action="store_true", help="store the timings in the bundle for this CPU (precision=auto)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the OpenVINO performance-counter breakdown")
     ap.add_argument("--max-loss", type=float, default=0.3, help="allowed end-to-end PSNR loss, dB")
     args = ap.parse_args(argv)
     manifest = read_manifest(args.bundle)
@@ -237,15 +311,19 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"error: {args.bundle} has no {', '.join(missing)} graph (it holds {', '.join(manifest['graphs'])})")
     rows = []
+    breakdowns = []
     for graph in args.graphs or [g for g in ("vae_encoder", "vae_decoder", "transformer") if g in feeds]:
         rows += bench_graph(manifest, args.bundle, graph, feeds[graph], args)
+        if not args.no_breakdown:
+            breakdowns += breakdown(manifest, args.bundle, graph, feeds[graph])
     timings = mark_auto(rows, manifest)
     if args.store:
         store_timings(args.bundle, timings)
     report = {"bundle": str(args.bundle), "variant": manifest.get("variant"), "resolution": manifest["resolution"],
               "cpu": cpu_model(), "cpus": cpus, "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
+              "runs": runs_per_round(args) * args.rounds,
               "versions": package_versions("onnxruntime", "openvino", "nncf"), "rows": rows, "reference": REFERENCE,
-              "verdict": verdict(rows, manifest, args.target, args.max_loss),
+              "verdict": verdict(rows, manifest, args.target, args.max_loss, breakdowns), "breakdown": breakdowns,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))

@@ -82,6 +82,18 @@ def test_up_shortcut_halving_channels_takes_channel_pair_by_row_parity():
             assert torch.equal(y[:, c, i::2, 1::2], x[:, 2 * c + i])
 
 
+def test_up_block_adds_its_shortcut_before_pixel_shuffle_bit_for_bit():
+    """UpBlock adds the duplicated channels before its one pixel_shuffle (faster on every backend):
+    the same values as the paper's form, pixel_shuffle(conv(x)) + channel_to_space_duplicate(x)."""
+    torch.manual_seed(0)
+    for cin, cout in [(8, 8), (8, 4), (4, 8)]:
+        block = UpBlock(cin, cout, interpolate=False, shortcut=True)
+        x = torch.randn(2, cin, 5, 3)
+        with torch.no_grad():
+            want = F.pixel_shuffle(block.conv(x), 2) + channel_to_space_duplicate(x, cout)
+            assert torch.equal(block(x), want)
+
+
 def test_latent_interface_shortcuts(photos128):
     """Encoder output = conv(h) + mean over consecutive channel groups of h; decoder input =
     conv(z) + each latent channel repeated (repeat_interleave)."""

@@ -44,6 +44,34 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert f'type="{op}"' in xml and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
 
 
+def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_files):
+    """scripts/bench_int8.py's breakdown: per kind of op, the CPU plugin's node times of one run add up
+    to its total, the convolutions count as compute, and INT8's ceiling over bf16 lies in (1, 2]."""
+    import importlib.util
+    from pathlib import Path
+
+    out = f64_files / "bundle"
+    if not (out / "manifest.json").is_file():  # this file's first test writes it; alone, export it here
+        from export import openvino as ov
+
+        ov.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none", "--out", str(out),
+                 "--resolution", "128", "--graphs", "vae_decoder"])
+    spec = importlib.util.spec_from_file_location("bench_int8", Path(__file__).parents[1] / "scripts" / "bench_int8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [bench.op_kind(t) for t in ("Convolution", "FullyConnectedQuantizedLegacy", "Reorder", "DepthToSpace",
+                                       "FakeQuantize", "Multiply")] == ["compute", "compute", "layout", "layout", "quantize", "other"]
+    m = json.loads((out / "manifest.json").read_text())
+    z = np.random.default_rng(0).standard_normal((1, 128, 2, 2)).astype(np.float32)
+    rows = bench.breakdown(m, out, "vae_decoder", {"latent_sample": z}, runs=2)
+    assert rows and rows[0]["precision"] == "f32"
+    for r in rows:
+        parts = r["compute_ms"] + r["layout_ms"] + r["quantize_ms"] + r["other_ms"]
+        assert r["compute_ms"] > 0 and abs(parts - r["total_ms"]) < 0.05, r
+    for r in (r for r in rows if r["precision"] == "bf16"):
+        assert 1 < r["int8_ceiling_vs_bf16"] <= 2
+
+
 def test_large_graphs_convert_through_onnx_after_freeing_torch_weights(f64_files, capsys):
     """Above --lean-above, a graph is exported to a temporary ONNX file (dynamo, external data), its torch
     weights are freed, and OpenVINO converts the file: forced here on a tiny model; parity unchanged."""
