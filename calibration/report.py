@@ -76,6 +76,8 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
             check = d.get("latency_check")
             if check:
                 kept = "kept" if d.get("kept_float_for_speed") else "not kept: the accuracy-chosen INT8 graph stays"
+                if check.get("tie"):
+                    kept += f" ({check['tie']})"
                 lines += ["", f"End to end at {check['hint']} (interleaved medians): the mix {check['mix_ms']} ms vs "
                           f"{check['accuracy_chosen_ms']} ms for the accuracy-chosen INT8 graph; the mix is {kept}."]
             if d.get("int8_faster_nowhere"):

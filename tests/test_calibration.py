@@ -194,6 +194,13 @@ def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir,
     assert all(r["int8"] for r in art["layer_latency"]) and quantized_ops(ir) > in_int8_with_mix  # the two ops are INT8 again
     assert "the mix is not kept" in (copy / "calibration" / "openvino.md").read_text()
 
+    # level within timing noise (LATENCY_TIE) and more accurate (two ops back in float): the mix is kept
+    monkeypatch.setattr(OpenVinoBackend, "graph_ms", lambda self, graph, attempts: [2.04, 2.0])
+    assert calibrate(copy, "openvino", data_dir, "--graphs", "vae_decoder") == 0
+    art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
+    assert len(art["kept_float_for_speed"]) == 2 and "more accurate" in art["latency_check"]["tie"]
+    assert art["gate"]["value"] > float(art["latency_check"]["tie"].split("(")[1].split(" vs ")[1].split()[0])
+
     # a CPU whose float path beats INT8 on every op (a Xeon's bf16 on a tiny graph): the accuracy-chosen
     # INT8 graph stays (it is still a quarter of the weight bytes) and the report says float is faster
     def all_slow(self, graph, attempt):
