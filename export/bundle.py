@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -190,7 +191,21 @@ def record_artifact(manifest: dict, stage: Path, graph: str, key: str, files: li
     g["artifacts"][key] = {"files": rel_files, **info}
 
 
+def strict_json(value):
+    """``value`` with every non-finite float as the string "inf" / "-inf" / "nan": JSON has no Infinity or
+    NaN, and browsers (JSON.parse) and most other languages reject a manifest that holds them (an exact
+    comparison's PSNR is infinite). Python's float() still reads the strings back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_manifest(manifest: dict, stage: Path) -> None:
     # drop checksums of files no longer present (an artifact was replaced)
     manifest["files"] = {k: v for k, v in manifest["files"].items() if (stage / k).exists()}
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    text = json.dumps(strict_json(manifest), indent=1, default=str, allow_nan=False)
+    (stage / "manifest.json").write_text(text)

@@ -227,3 +227,17 @@ def test_server_refuses_what_it_must(web_bundle, tmp_path):
             assert status == 200 and headers["Content-Type"] == "application/wasm"
     finally:
         server.shutdown()
+
+
+def test_manifest_is_strict_json_even_with_an_infinite_psnr(tmp_path):
+    """JSON has no Infinity: the browser's JSON.parse rejected a bundle whose Core ML check recorded an
+    exact comparison (PSNR inf). write_manifest stores non-finite floats as strings Python reads back."""
+    from export.bundle import write_manifest
+
+    write_manifest({"files": {}, "check": {"psnr": float("inf"), "drop": float("-inf"), "x": [float("nan"), 1.5]}}, tmp_path)
+
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    m = json.loads((tmp_path / "manifest.json").read_text(), parse_constant=reject)
+    assert m["check"] == {"psnr": "inf", "drop": "-inf", "x": ["nan", 1.5]} and float(m["check"]["psnr"]) == float("inf")
