@@ -167,20 +167,19 @@ def ov_runner(core, model, spec: GraphSpec, hint: str):
 
 
 def profile_nodes(core, model, feeds: dict, hint: str, runs: int = 5, config: dict | None = None) -> dict[tuple[str, str, str], float]:
-    """Mean ms per executed node, keyed (node name, node type, kernel), from the CPU plugin's performance
-    counters at one INFERENCE_PRECISION_HINT (``model``: an ov.Model or an IR path)."""
-    import collections
-
+    """Median ms per executed node over ``runs`` runs, keyed (node name, node type, kernel), from the CPU
+    plugin's performance counters at one INFERENCE_PRECISION_HINT (``model``: an ov.Model or an IR path).
+    Medians per node: a neighbour's burst on a shared machine then moves a node's time less than a mean."""
     compiled = core.compile_model(model, "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     for _ in range(2):
         request.infer(feeds)
-    acc: collections.Counter = collections.Counter()
+    times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(runs):
         request.infer(feeds)
         for info in request.get_profiling_info():
-            acc[(info.node_name, info.node_type, info.exec_type)] += info.real_time.total_seconds() * 1000
-    return {k: v / runs for k, v in acc.items()}
+            times.setdefault((info.node_name, info.node_type, info.exec_type), []).append(info.real_time.total_seconds() * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def median_ms(run, feeds: dict, repeats: int = 5) -> float:
