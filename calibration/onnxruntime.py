@@ -13,6 +13,10 @@ Settings (ORT 1.32 docstring and measurements on this kind of CPU, machine notes
   ranges are computed once per graph and cached (``calibration_cache_path``) so the exclusion
   rounds only re-run the quantizer.
 
+Latency: after the gates, convolutions / matmuls that ORT's profiler shows no faster in INT8 on this CPU
+(QLinearConv plus the DequantizeLinear of its output, against the float node) go back to float, and the mix
+is kept only if the whole graph is faster (or level and more accurate), as for OpenVINO.
+
 Sensitivity: every QuantizeLinear -> DequantizeLinear pair of the QDQ graph is exposed as an output
 next to its float input and compared on a few calibration and held-out feeds; weights are
 dequantized in numpy.
@@ -190,6 +194,70 @@ class OnnxRuntimeBackend(Backend):
                 label = next((weights[i] for i in n.input if i in weights), "activation x activation")
                 out.append(Candidate(n.name, n.op_type, worst[0], worst[1], label))
         return sorted(out, key=lambda c: c.sqnr_db)
+
+    # ---- latency-aware mixed precision: the OpenVINO pass's rule (calibration.__main__.latency_refine), timed
+    # with ORT's profiler. ORT's INT8 conv costs its QLinearConv plus the DequantizeLinear that takes its output
+    # back to float for the glue; on the encoder's 3-channel stem that was 13 ms against 4 in fp32.
+    def _profile(self, path: Path, feeds: dict, optimized: bool, runs: int = 5) -> dict[str, float]:
+        """Mean kernel ms per node name. ``optimized=False`` runs ORT's extended level, which keeps the
+        original node names (the NCHWc layout pass renames them); those float times are slower than the
+        fully optimised graph's, so a conv is kept in float only where INT8 loses even to that."""
+        import json
+        import os
+        import tempfile
+
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 2, 1, 3
+        if not optimized:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(dir=self.work), "ort")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(2 + runs):
+            session.run(None, feeds)
+        trace = Path(session.end_profiling())
+        acc: collections.Counter = collections.Counter()
+        for e in json.loads(trace.read_text()):
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                acc[e["name"][: -len("_kernel_time")]] += e["dur"] / 1000
+        trace.unlink()
+        return {k: v / (2 + runs) for k, v in acc.items()}
+
+    def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
+        import onnx
+
+        feeds = self.feeds[graph][0]
+        t_float = self._profile(self._dir(graph) / "pre.onnx", feeds, optimized=False)  # the names the quantizer saw
+        t_int8 = self._profile(attempt.handle, feeds, optimized=True)
+        rows, slow = [], []
+        for node in quantized_nodes(onnx.load(str(attempt.handle), load_external_data=False)):
+            name = node.name
+            f = t_float.get(name, 0.0)
+            # QLinearConv / QLinearMatMul keep the conv's name plus "_token_N"; its output's DequantizeLinear nodes
+            # are named after the output tensor
+            outs = tuple(o + "_DequantizeLinear" for o in node.output)
+            q = sum(v for k, v in t_int8.items() if k.startswith(name + "_token_") or k == name or k.startswith(outs))
+            if not f or not q:
+                continue
+            rows.append({"node": name, "int8_ms": round(q, 3), "fp32_ms": round(f, 3), "int8": q < f})
+            if q >= f:
+                slow.append(name)
+        return slow, rows
+
+    def default_hint(self) -> str:
+        return "fp32"
+
+    def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
+        """Median ms of whole INT8 graphs, in interleaved rounds (as OpenVinoBackend.graph_ms)."""
+        from dcae_edge.timing import time_interleaved
+
+        feeds = self.feeds[graph][0]
+        for a in attempts:
+            a.run(feeds)
+        times = time_interleaved([lambda a=a: a.run(feeds) for a in attempts], runs, rounds)
+        return [round(float(np.median(t)), 3) for t in times]
 
     def save(self, graph: str, attempt: Attempt, gdir: Path) -> list[Path]:
         dst = fresh(gdir / self.filename)

@@ -98,7 +98,8 @@ def manifest(path) -> dict:
 
 def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
     # the encoder gate sits above what plain INT8 reaches: the sensitivity rounds must keep nodes in float
-    assert calibrate(copy, "onnxruntime", data_dir, "--encoder-min-cosine", "0.993") == 0
+    # (--no-latency-aware: on these tiny graphs fp32 wins most convolutions, and this test is about the QDQ graph)
+    assert calibrate(copy, "onnxruntime", data_dir, "--encoder-min-cosine", "0.993", "--no-latency-aware") == 0
     import onnx
 
     m = manifest(copy)
@@ -121,6 +122,33 @@ def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
     for f in ("onnxruntime.json", "onnxruntime.md", "onnxruntime.png"):
         assert (copy / "calibration" / f).is_file()
     assert "Kept in float" in (copy / "calibration" / "onnxruntime.md").read_text()
+
+
+def test_onnxruntime_latency_mix_keeps_slow_convs_in_float(copy, data_dir, monkeypatch):
+    """The OpenVINO pass's rule for ORT: injected timings make two decoder convs slower in INT8 and the
+    mix faster end to end; they are then float in the saved QDQ graph and the gate still holds."""
+    import onnx
+
+    from calibration.onnxruntime import OnnxRuntimeBackend, quantized_nodes
+
+    # real timings first: ORT's profiler names map back to the quantized convolutions (through QLinearConv)
+    assert calibrate(copy, "onnxruntime", data_dir, "--graphs", "vae_decoder") == 0
+    rows = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]["layer_latency"]
+    assert rows and all(r["int8_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
+    assert any(r["node"].endswith("Conv") for r in rows)
+
+    def fake(self, graph, attempt):
+        names = sorted(n.name for n in quantized_nodes(onnx.load(str(attempt.handle))))
+        slow = [n for n in names if n.endswith("Conv")][:2]
+        return slow, [{"node": n, "int8_ms": 2.0 if n in slow else 0.5, "fp32_ms": 1.0, "int8": n not in slow} for n in names]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "latency_exclusions", fake)
+    monkeypatch.setattr(OnnxRuntimeBackend, "graph_ms", lambda self, graph, attempts: [1.0, 2.0])
+    assert calibrate(copy, "onnxruntime", data_dir, "--graphs", "vae_decoder") == 0
+    art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]
+    still_int8 = {n.name for n in quantized_nodes(onnx.load(str(copy / art["files"][0])))}
+    assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & still_int8
+    assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32"}
 
 
 def test_openvino_int8_fake_quantize(copy, data_dir):
