@@ -106,6 +106,20 @@ def ov_maker(core, path: Path, hint: str):
     return make
 
 
+def openvino_configs(core, arts: dict) -> list[tuple[str, str, str]]:
+    """(label, artifact key, INFERENCE_PRECISION_HINT) for every OpenVINO configuration a graph's artifacts
+    allow on this CPU: the float IR at f32 and bf16, the INT8 IR with its float remainder at f32 and bf16
+    (bf16 only where the CPU has it)."""
+    bf16 = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
+    out = []
+    for label, key, hint in (("f32", src, "f32"), ("bf16", src, "bf16"), ("int8 (+f32)", "openvino/int8", "f32"),
+                             ("int8 (+bf16)", "openvino/int8", "bf16")):
+        if key in arts and (hint == "f32" or bf16):
+            out.append((label, key, hint))
+    return out
+
+
 def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, object]]:
     """(backend, precision, runner factory) for every artifact of ``graph`` present in the bundle."""
     arts = manifest["graphs"][graph]["artifacts"]
@@ -115,20 +129,11 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
         out.append(("onnxruntime", "fp32", ort_maker(path("onnx/fp32"))))
     if "onnx/int8" in arts:
         out.append(("onnxruntime", "int8", ort_maker(path("onnx/int8"))))
-    ov_src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
-    if ov_src or "openvino/int8" in arts:
+    if any(k.startswith("openvino/") for k in arts):
         import openvino as ov
 
         core = ov.Core()
-        bf16 = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
-        if ov_src:
-            out.append(("openvino", "f32", ov_maker(core, path(ov_src), "f32")))
-            if bf16:
-                out.append(("openvino", "bf16", ov_maker(core, path(ov_src), "bf16")))
-        if "openvino/int8" in arts:
-            out.append(("openvino", "int8 (+f32)", ov_maker(core, path("openvino/int8"), "f32")))
-            if bf16:
-                out.append(("openvino", "int8 (+bf16)", ov_maker(core, path("openvino/int8"), "bf16")))
+        out += [("openvino", label, ov_maker(core, path(key), hint)) for label, key, hint in openvino_configs(core, arts)]
     for key in (k for k in arts if k.startswith("coreml/")):
         out.append(("coreml", key.split("/")[1], None))
     return out
@@ -186,25 +191,20 @@ def op_kind(node_type: str) -> str:
 def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int = 20) -> list[dict]:
     """Where each OpenVINO configuration spends its time (performance counters, summed per kind of op),
     and the most INT8 could gain over bf16 on this graph: its compute twice as fast, the rest unchanged."""
+    import openvino as ov
+
     from export.openvino import profile_nodes
 
     arts = manifest["graphs"][graph]["artifacts"]
-    src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
-    candidates = [("f32", src, "f32"), ("bf16", src, "bf16"), ("int8 (+f32)", "openvino/int8", "f32"),
-                  ("int8 (+bf16)", "openvino/int8", "bf16")]
-    import openvino as ov
-
     core, rows = ov.Core(), []
-    bf16_ok = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
-    for precision, key, hint in candidates:
-        if key not in arts or (hint == "bf16" and not bf16_ok):
-            continue
+    for precision, key, hint in openvino_configs(core, arts):
         nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, OV_CONFIG)
         kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
         per_type: dict[str, float] = {}
         for (_, node_type, kernel), ms in nodes.items():
-            kinds[op_kind(node_type)] += ms
-            if op_kind(node_type) != "compute":
+            kind = op_kind(node_type)
+            kinds[kind] += ms
+            if kind != "compute":
                 per_type[f"{node_type} ({kernel})"] = per_type.get(f"{node_type} ({kernel})", 0.0) + ms
         row = {"graph": graph, "precision": precision, **{f"{k}_ms": round(v, 2) for k, v in kinds.items()},
                "total_ms": round(sum(kinds.values()), 2),
