@@ -198,13 +198,13 @@ class OnnxRuntimeBackend(Backend):
     # ---- latency-aware mixed precision: the OpenVINO pass's rule (calibration.__main__.latency_refine), timed
     # with ORT's profiler. ORT's INT8 conv costs its QLinearConv plus the DequantizeLinear that takes its output
     # back to float for the glue; on the encoder's 3-channel stem that was 13 ms against 4 in fp32.
-    def _profile(self, path: Path, feeds: dict, optimized: bool, runs: int = 5) -> dict[str, float]:
-        """Mean kernel ms per node name. ``optimized=False`` runs ORT's extended level, which keeps the
-        original node names (the NCHWc layout pass renames them); those float times are slower than the
-        fully optimised graph's, so a conv is kept in float only where INT8 loses even to that."""
+    def _profile(self, path: Path, feeds: dict, optimized: bool, runs: int = 5, warmup: int = 2) -> dict[str, float]:
+        """Median kernel ms per node name over ``runs`` runs after ``warmup`` (every node runs once per run,
+        so its trace events in time order are its runs). ``optimized=False`` runs ORT's extended level, which
+        keeps the original node names (the NCHWc layout pass renames them); those float times are slower than
+        the fully optimised graph's, so a conv is kept in float only where INT8 loses even to that."""
         import json
-        import os
-        import tempfile
+        import statistics
 
         import onnxruntime as ort
 
@@ -213,17 +213,18 @@ class OnnxRuntimeBackend(Backend):
         if not optimized:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(dir=self.work), "ort")
+        so.profile_file_prefix = str(self.work / "ort-profile")  # ORT adds a timestamp: one file per session
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        for _ in range(2 + runs):
+        for _ in range(warmup + runs):
             session.run(None, feeds)
         trace = Path(session.end_profiling())
-        acc: collections.Counter = collections.Counter()
-        for e in json.loads(trace.read_text()):
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                acc[e["name"][: -len("_kernel_time")]] += e["dur"] / 1000
+        events = sorted((e for e in json.loads(trace.read_text())
+                         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")), key=lambda e: e["ts"])
         trace.unlink()
-        return {k: v / (2 + runs) for k, v in acc.items()}
+        times: dict[str, list[float]] = {}
+        for e in events:
+            times.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1000)
+        return {k: statistics.median(v[warmup:] or v) for k, v in times.items()}
 
     def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
         import onnx
@@ -251,13 +252,12 @@ class OnnxRuntimeBackend(Backend):
 
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs, in interleaved rounds (as OpenVinoBackend.graph_ms)."""
-        from dcae_edge.timing import time_interleaved
+        from dcae_edge.timing import interleaved_medians
 
         feeds = self.feeds[graph][0]
         for a in attempts:
             a.run(feeds)
-        times = time_interleaved([lambda a=a: a.run(feeds) for a in attempts], runs, rounds)
-        return [round(float(np.median(t)), 3) for t in times]
+        return interleaved_medians([lambda a=a: a.run(feeds) for a in attempts], runs, rounds)
 
     def save(self, graph: str, attempt: Attempt, gdir: Path) -> list[Path]:
         dst = fresh(gdir / self.filename)

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from dcae_edge.compare import compare
-from dcae_edge.timing import time_interleaved
+from dcae_edge.timing import interleaved_medians
 from export.openvino import ov_runner, profile_nodes
 
 from . import CalibrationError
@@ -228,7 +228,7 @@ class OpenVinoBackend(Backend):
 
     # ---- latency-aware mixed precision: INT8 only where it is faster on this CPU
     def layer_times(self, model, feeds: dict, hint: str, runs: int = 5) -> dict[str, float]:
-        """Mean ms per executed node (OpenVINO performance counters), at ``hint`` (the float part's
+        """Median ms per executed node (OpenVINO performance counters), at ``hint`` (the float part's
         precision: this CPU's default, bf16 where it has native bf16)."""
         acc: collections.Counter = collections.Counter()
         for (name, _, _), ms in profile_nodes(self.core, model, feeds, hint, runs).items():
@@ -249,8 +249,7 @@ class OpenVinoBackend(Backend):
             for _ in range(2):
                 request.infer(feeds)
             requests.append(request)
-        times = time_interleaved([lambda r=r: r.infer(feeds) for r in requests], runs, rounds)
-        return [round(float(np.median(t)), 3) for t in times]
+        return interleaved_medians([lambda r=r: r.infer(feeds) for r in requests], runs, rounds)
 
     def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
         """Quantized ops whose INT8 node (with its fused quantize/dequantize) runs no faster than the

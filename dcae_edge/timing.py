@@ -5,6 +5,7 @@ Standard library only, so torch-free code (``runtimes``) can use it.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import time
 from typing import Callable
@@ -38,6 +39,11 @@ def time_interleaved(fns: list[Callable[[], object]], runs: int, rounds: int) ->
         for fn, t in zip(fns, times):
             t += time_calls(fn, runs, 0)
     return times
+
+
+def interleaved_medians(fns: list[Callable[[], object]], runs: int, rounds: int) -> list[float]:
+    """Median ms of each callable (warm already) over ``time_interleaved`` rounds, rounded to µs."""
+    return [round(statistics.median(t), 3) for t in time_interleaved(fns, runs, rounds)]
 
 
 def run_measured(cmd: list[str], cwd=None, env=None) -> dict:
