@@ -322,18 +322,11 @@ def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...], feeds: dict) -> dic
 
 
 def ort_runner(path: Path, threads: int = 0):
-    import onnxruntime as ort
+    """``run(feeds) -> outputs`` of an exported file through the session class an app's runtime uses
+    (``runtimes.backends.OrtGraph``), so validation runs what ships."""
+    from runtimes.backends import OrtGraph
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if (Path(path).parent / (Path(path).name + ".data")).exists():  # a large model: no arena, no pre-planned buffers
-        so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return lambda feeds: sess.run(names, feeds)
+    return OrtGraph(Path(path), "cpu", threads or None).run
 
 
 def parse(argv=None):

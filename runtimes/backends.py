@@ -44,9 +44,15 @@ class OrtGraph:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if Path(str(path) + ".data").exists():  # weights in external data (a paper-size model): no arena, no
+            so.enable_cpu_mem_arena = False     # pre-planned buffers, which would hold a second copy's worth
+            so.enable_mem_pattern = False
         if str(path).endswith(".ort"):
             so.add_session_config_entry("session.load_model_format", "ORT")
-            if ".with_runtime_opt." in str(path):
+            # saved runtime optimizations are recorded for ARM (export.mobile: target_platform arm), where a
+            # minimal build replays them; an x86 full build re-derives its own, and replaying ARM's QDQ records
+            # fails there ("Not enough produced nodes in the runtime optimization record")
+            if ".with_runtime_opt." in str(path) and platform.machine().lower() in ("arm64", "aarch64"):
                 so.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
         wanted = [EP_NAMES.get(p.lower(), p) for p in (providers or [])]
         available = set(ort.get_available_providers())
@@ -70,6 +76,15 @@ class OrtGraph:
         return self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
 
 
+def openvino_config(hint: str, threads: int | None = None) -> dict:
+    """compile_model settings for one INFERENCE_PRECISION_HINT: latency mode (one request at a time, as an
+    app decoding an image), ``threads`` compute threads (0/None: the plugin's choice)."""
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
 class OpenVinoGraph:
     """OpenVINO compiled model. ``hint`` is INFERENCE_PRECISION_HINT: f32 for exact parity; bf16 is
     this CPU's fast default and must be asked for explicitly here."""
@@ -77,11 +92,8 @@ class OpenVinoGraph:
     def __init__(self, path: Path, device: str = "CPU", hint: str = "f32", threads: int | None = None):
         ov = _require("openvino", "openvino", "openvino")
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
         model = core.read_model(str(path))
-        self.compiled = core.compile_model(model, device.upper(), config)
+        self.compiled = core.compile_model(model, device.upper(), openvino_config(hint, threads))
         # one infer request runs one call at a time ("Infer Request is busy"): a pool, grown on demand,
         # lets threads sharing this pipeline run in parallel
         self._idle: queue.SimpleQueue = queue.SimpleQueue()

@@ -82,27 +82,15 @@ def timing_stats(times: list[float], cold: float) -> dict:
             "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": len(times)}
 
 
-def ort_maker(path: Path):
+def runner_factory(backend: str, path: Path, hint: str = "f32"):
+    """A factory for one configuration's ``run(feeds) -> first output``, made when its turn comes (so
+    sessions are built inside the measured process): the runtime classes an app gets from
+    ``runtimes.open_bundle`` and ``runtimes.bench`` uses, at THREADS threads."""
+    from runtimes.backends import OpenVinoGraph, OrtGraph
+
     def make():
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        name = sess.get_outputs()[0].name
-        return lambda feeds: sess.run([name], feeds)[0]
-    return make
-
-
-OV_CONFIG = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": True}
-
-
-def ov_maker(core, path: Path, hint: str):
-    def make():
-        compiled = core.compile_model(str(path), "CPU", {**OV_CONFIG, "INFERENCE_PRECISION_HINT": hint})
-        request = compiled.create_infer_request()
-        return lambda feeds: request.infer(feeds)[0].copy()
+        graph = OrtGraph(path, "cpu", THREADS) if backend == "onnxruntime" else OpenVinoGraph(path, "CPU", hint, THREADS)
+        return lambda feeds: graph.run(feeds)[0]
     return make
 
 
@@ -126,14 +114,14 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
     path = lambda key: bundle / arts[key]["files"][0]  # noqa: E731
     out = []
     if "onnx/fp32" in arts:
-        out.append(("onnxruntime", "fp32", ort_maker(path("onnx/fp32"))))
+        out.append(("onnxruntime", "fp32", runner_factory("onnxruntime", path("onnx/fp32"))))
     if "onnx/int8" in arts:
-        out.append(("onnxruntime", "int8", ort_maker(path("onnx/int8"))))
+        out.append(("onnxruntime", "int8", runner_factory("onnxruntime", path("onnx/int8"))))
     if any(k.startswith("openvino/") for k in arts):
         import openvino as ov
 
         core = ov.Core()
-        out += [("openvino", label, ov_maker(core, path(key), hint)) for label, key, hint in openvino_configs(core, arts)]
+        out += [("openvino", label, runner_factory("openvino", path(key), hint)) for label, key, hint in openvino_configs(core, arts)]
     for key in (k for k in arts if k.startswith("coreml/")):
         out.append(("coreml", key.split("/")[1], None))
     return out
@@ -194,11 +182,12 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
     import openvino as ov
 
     from export.openvino import profile_nodes
+    from runtimes.backends import openvino_config
 
     arts = manifest["graphs"][graph]["artifacts"]
     core, rows = ov.Core(), []
     for precision, key, hint in openvino_configs(core, arts):
-        nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, OV_CONFIG)
+        nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, openvino_config(hint, THREADS))
         kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
         per_type: dict[str, float] = {}
         for (_, node_type, kernel), ms in nodes.items():
