@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# After a whole-model autoencoder run (scripts/train_f64_full_cpu.sh, issue 17 part 2): install it,
+# After a whole-model autoencoder run (scripts/train_ae_full_cpu.sh, issue 17 part 2): install it,
 # then rebuild what depends on the latent space, in order. Each step refuses rather than installing
 # something worse (bundle_decoder_update.py: must beat the bundled weights at 256² and 512²;
 # bundle_digits.py: the generator must match the installed autoencoder's latent fingerprint).

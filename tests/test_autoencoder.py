@@ -247,8 +247,9 @@ def test_bundled_weights_load_when_present():
     assert 0 < model.scaling_factor < 10
 
 
-def test_bundled_f64_beats_the_thumbnail_baseline():
-    """The bundled f64 is worth its latent on the 4 packaged photos (none of them in its training
+@pytest.mark.parametrize("variant", ["f64", "f32"])
+def test_bundled_autoencoder_beats_the_thumbnail_baseline(variant):
+    """The bundled f64 and f32 are worth their latent on the 4 packaged photos (none of them in their training
     set): higher PSNR than bicubic upsampling of a thumbnail holding as many values, at 256² and
     512², by the margin recorded in the file when it was installed (scripts/bundle_decoder_update.py).
     Catches a silently broken weight file too (e.g. fp16-overflowed BatchNorm statistics)."""
@@ -258,12 +259,12 @@ def test_bundled_f64_beats_the_thumbnail_baseline():
     from dcae_edge.data import sample_photos
     from dcae_edge.evaluate import evaluate
 
-    path = bundled_weights_path("f64")
+    path = bundled_weights_path(variant)
     if path is None:
-        pytest.skip("no bundled f64 weights in this checkout")
+        pytest.skip(f"no bundled {variant} weights in this checkout")
     with safe_open(str(path), "pt") as f:
         recorded = json.loads(f.metadata().get("packaged_photos_margin_db", "{}"))
-    model = load_autoencoder("f64")
+    model = load_autoencoder(variant)
     for res in (256, 512):
         r = evaluate(model, sample_photos(res))
         margin = r["psnr"] - r["baseline_psnr"]
