@@ -42,7 +42,8 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def _make_runner(kind: str, path: str, precision: str, threads: int):
+def make_runner(kind: str, path: str, precision: str, threads: int):
+    """The session an app gets for one artifact (onnxruntime, or OpenVINO at ``precision``'s hint)."""
     from .backends import OpenVinoGraph, OrtGraph
 
     if kind == "onnxruntime":
@@ -73,7 +74,7 @@ def _time_one(args) -> dict:
         import openvino  # noqa: F401
     base_mb = peak_rss_mb()
     t = time.perf_counter()
-    runner = _make_runner(kind, path, precision, threads)
+    runner = make_runner(kind, path, precision, threads)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     runner.run(feeds)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
-from runtimes.precision import cpu_model, mark_auto  # noqa: E402
+from runtimes.precision import OPENVINO_PRECISIONS, cpu_model, mark_auto, openvino_artifacts, openvino_hint  # noqa: E402
 
 THREADS = 2
 # measured on this kind of machine for the paper-size f64c128 decoder at 512px (docs / issue)
@@ -82,29 +82,31 @@ def timing_stats(times: list[float], cold: float) -> dict:
             "min_ms": round(times[0], 2), "cold_ms": round(cold, 1), "runs": len(times)}
 
 
-def runner_factory(backend: str, path: Path, hint: str = "f32"):
+def runner_factory(backend: str, path: Path, precision: str = "fp32"):
     """A factory for one configuration's ``run(feeds) -> first output``, made when its turn comes (so
-    sessions are built inside the measured process): the runtime classes an app gets from
-    ``runtimes.open_bundle`` and ``runtimes.bench`` uses, at THREADS threads."""
-    from runtimes.backends import OpenVinoGraph, OrtGraph
+    sessions are built inside the measured process): the session ``runtimes.bench`` and apps get, at THREADS threads."""
+    from runtimes.bench import make_runner
 
     def make():
-        graph = OrtGraph(path, "cpu", THREADS) if backend == "onnxruntime" else OpenVinoGraph(path, "CPU", hint, THREADS)
+        graph = make_runner(backend, path, precision, THREADS)
         return lambda feeds: graph.run(feeds)[0]
     return make
 
 
+# report labels of OpenVINO's runtime precisions (runtimes.precision.AUTO_NAMES reads them back)
+OPENVINO_LABELS = {"fp32": "f32", "bf16": "bf16", "int8": "int8 (+f32)", "int8-bf16": "int8 (+bf16)"}
+
+
 def openvino_configs(core, arts: dict) -> list[tuple[str, str, str]]:
-    """(label, artifact key, INFERENCE_PRECISION_HINT) for every OpenVINO configuration a graph's artifacts
-    allow on this CPU: the float IR at f32 and bf16, the INT8 IR with its float remainder at f32 and bf16
-    (bf16 only where the CPU has it)."""
+    """(label, artifact key, runtime precision) for every OpenVINO precision (runtimes.precision's table: which
+    IR it loads, at which INFERENCE_PRECISION_HINT) that this graph's artifacts allow on this CPU; the bf16
+    ones only where the CPU has bf16."""
     bf16 = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
-    src = next((k for k in ("openvino/fp32", "openvino/fp16w") if k in arts), None)
     out = []
-    for label, key, hint in (("f32", src, "f32"), ("bf16", src, "bf16"), ("int8 (+f32)", "openvino/int8", "f32"),
-                             ("int8 (+bf16)", "openvino/int8", "bf16")):
-        if key in arts and (hint == "f32" or bf16):
-            out.append((label, key, hint))
+    for precision in OPENVINO_PRECISIONS:
+        key = next((k for k in openvino_artifacts(precision) if k in arts), None)
+        if key and (openvino_hint(precision) == "f32" or bf16):
+            out.append((OPENVINO_LABELS[precision], key, precision))
     return out
 
 
@@ -121,7 +123,8 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
         import openvino as ov
 
         core = ov.Core()
-        out += [("openvino", label, runner_factory("openvino", path(key), hint)) for label, key, hint in openvino_configs(core, arts)]
+        out += [("openvino", label, runner_factory("openvino", path(key), precision))
+                for label, key, precision in openvino_configs(core, arts)]
     for key in (k for k in arts if k.startswith("coreml/")):
         out.append(("coreml", key.split("/")[1], None))
     return out
@@ -186,7 +189,8 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
 
     arts = manifest["graphs"][graph]["artifacts"]
     core, rows = ov.Core(), []
-    for precision, key, hint in openvino_configs(core, arts):
+    for precision, key, runtime_precision in openvino_configs(core, arts):
+        hint = openvino_hint(runtime_precision)
         nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, openvino_config(hint, THREADS))
         kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
         per_type: dict[str, float] = {}
