@@ -71,6 +71,33 @@ def quantized_ops(model) -> set[str]:
     return {c.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize" for c in consumers(op)}
 
 
+def op_costs(node_ms: dict[tuple[str, str, str], float], model) -> dict[str, float]:
+    """ms per op a FakeQuantize feeds in ``model`` (for a float graph: the same names), from the CPU
+    plugin's per-node times (``profile_nodes``): the op's own node(s) plus the FakeQuantizes feeding it and
+    the layout reorders into it or into them. An INT8 op's quantize step does not fuse into a producer
+    with other readers (the residual stream, attention's split): it then runs alone in f32 between a
+    bf16-to-f32 and an i8 reorder, which cost more than INT8 saved on the bundled f64 decoder's narrow
+    convolutions (a reorder is named ``<producer>_<formats>_<consumer>``, so it is charged to its consumer)."""
+    ops = set()
+    feeds_into: dict[str, list[str]] = {}  # FakeQuantize name -> the quantized ops it feeds
+    for fq in (op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"):
+        readers = [c.get_friendly_name() for c in consumers(fq)]
+        feeds_into[fq.get_friendly_name()] = readers
+        ops.update(readers)
+    if not ops:  # a float graph: the names of the compute ops the INT8 graph would quantize
+        ops = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() in COMPUTE_OPS}
+    owners = {**{o: [o] for o in ops}, **feeds_into}
+    by_length = sorted(owners, key=len, reverse=True)
+    cost: collections.Counter = collections.Counter()
+    for (node, kind, _), ms in node_ms.items():
+        owner = next((o for o in by_length if node == o or node.startswith(o + "/")), None)  # the op or a part named after it
+        if owner is None and kind == "Reorder":
+            owner = next((o for o in by_length if node.endswith("_" + o)), None)
+        for op in owners.get(owner, []):
+            cost[op] += ms / len(owners[owner])
+    return dict(cost)
+
+
 def ir_counts(model) -> dict:
     ops = collections.Counter(op.get_type_name() for op in model.get_ops())
     consts = collections.Counter(op.get_element_type().get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant")
@@ -228,12 +255,10 @@ class OpenVinoBackend(Backend):
 
     # ---- latency-aware mixed precision: INT8 only where it is faster on this CPU
     def layer_times(self, model, feeds: dict, hint: str, runs: int = 5) -> dict[str, float]:
-        """Median ms per executed node (OpenVINO performance counters), at ``hint`` (the float part's
-        precision: this CPU's default, bf16 where it has native bf16)."""
-        acc: collections.Counter = collections.Counter()
-        for (name, _, _), ms in profile_nodes(self.core, model, feeds, hint, runs).items():
-            acc[name] += ms
-        return dict(acc)
+        """Median ms per quantized op of ``model`` at ``hint`` (the float part's precision: this CPU's
+        default, bf16 where it has native bf16), from OpenVINO's performance counters, with what the op
+        brings along charged to it (``op_costs``)."""
+        return op_costs(profile_nodes(self.core, model, feeds, hint, runs), model)
 
     def default_hint(self) -> str:
         """The CPU plugin's default float precision here: bf16 where the CPU has native bf16, else f32."""
@@ -252,16 +277,16 @@ class OpenVinoBackend(Backend):
         return interleaved_medians([lambda r=r: r.infer(feeds) for r in requests], runs, rounds)
 
     def latency_exclusions(self, graph: str, attempt: Attempt) -> tuple[list[str], list[dict]]:
-        """Quantized ops whose INT8 node (with its fused quantize/dequantize) runs no faster than the
-        same op in the float graph at the CPU's default precision: keep those in float."""
+        """Quantized ops whose INT8 node, with the FakeQuantizes and layout reorders it brings, runs no faster
+        than the same op (with its reorders) in the float graph at the CPU's default precision: keep those
+        in float."""
         hint = self.default_hint()
         feeds = self.feeds[graph][0]
         t_float = self.layer_times(self._read(graph), feeds, hint)
         t_int8 = self.layer_times(attempt.handle, feeds, hint)
         rows, slow = [], []
         for name in sorted(quantized_ops(attempt.handle)):
-            f = sum(v for k, v in t_float.items() if k == name)
-            q = sum(v for k, v in t_int8.items() if k == name or k.startswith(name + "/"))
+            f, q = t_float.get(name), t_int8.get(name)
             if not f or not q:
                 continue
             keep_float = q >= f

@@ -365,3 +365,36 @@ def test_check_feeds_rejects_wrong_dtype():
         check_feeds(FeedSet("transformer", "calibration", [feeds], "test"), manifest)
     with pytest.raises(CalibrationError, match="is empty"):
         check_feeds(FeedSet("transformer", "calibration", [], "test"), manifest)
+
+
+def test_openvino_op_costs_charge_quantize_steps_and_reorders_to_the_op_they_serve():
+    """A quantize step that cannot fuse into its producer runs alone between two reorders: the latency
+    pass charges all of it to the INT8 op it feeds (reorders are named <producer>_<formats>_<consumer>)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from calibration.openvino import op_costs
+
+    x = ops.parameter([1, 4, 8, 8], np.float32, name="x")
+    lo, hi = ops.constant(np.float32(-1)), ops.constant(np.float32(1))
+    fq = ops.fake_quantize(x, lo, hi, lo, hi, 256, name="conv/fq_input_0")
+    conv = ops.convolution(fq, ops.constant(np.ones((4, 4, 1, 1), np.float32)), [1, 1], [0, 0], [0, 0], [1, 1], name="conv")
+    shared = ops.fake_quantize(ops.relu(conv, name="act"), lo, hi, lo, hi, 256, name="FakeQuantize_7")
+    left = ops.matmul(shared, ops.constant(np.ones((8, 8), np.float32)), False, False, name="mm_a")
+    right = ops.matmul(shared, ops.constant(np.ones((8, 8), np.float32)), False, False, name="mm_b")
+    model = ov.Model([left, right], [x])
+    times = {("conv", "Convolution", "brgconv_I8"): 1.0,
+             ("conv/fq_input_0", "FakeQuantize", "jit_f32"): 0.25,                  # named after its op
+             ("x_bf16_acdb_f32_aBcd16b_conv/fq_input_0", "Reorder", "jit"): 0.5,    # into its quantize step
+             ("conv/fq_input_0_aBcd16b_acdb_conv", "Reorder", "jit_I8"): 0.125,     # out of it, into the op
+             ("FakeQuantize_7", "FakeQuantize", "jit_f32"): 0.5,                    # feeds two ops: half each
+             ("act_bf16_abcd_f32_aBcd16b_FakeQuantize_7", "Reorder", "jit"): 1.0,
+             ("mm_a", "MatMul", "brgemm_i8"): 0.1, ("mm_b", "MatMul", "brgemm_i8"): 0.2,
+             ("act", "Relu", "jit"): 3.0, ("conv___act", "Reorder", "jit"): 2.0}     # the producer's, not charged
+    costs = op_costs(times, model)
+    assert costs == pytest.approx({"conv": 1.875, "mm_a": 0.85, "mm_b": 0.95})
+    # the float graph: the same names, reorders into an op charged to it
+    float_model = ov.Model([ops.matmul(ops.relu(ops.convolution(x, ops.constant(np.ones((4, 4, 1, 1), np.float32)), [1, 1], [0, 0], [0, 0], [1, 1], name="conv"), name="act"),
+                                       ops.constant(np.ones((8, 8), np.float32)), False, False, name="mm_a")], [x])
+    assert op_costs({("conv", "Convolution", "brgconv_bf16"): 2.0, ("x_abcd_aBcd16b_conv", "Reorder", "jit"): 0.5,
+                     ("mm_a", "MatMul", "brgemm"): 0.3, ("act", "Relu", "jit"): 1.0}, float_model) == pytest.approx({"conv": 2.5, "mm_a": 0.3})
