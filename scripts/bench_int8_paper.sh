@@ -20,4 +20,4 @@ np.savez(out / "decoder-latents.npz", **{"vae_decoder.latent_sample": z})
 print(f"{len(z)} latents of real photos (bundled f64 encoder) -> {out / 'decoder-latents.npz'}")
 PY
 python -m calibration --bundle "$B" --backend openvino --graphs vae_decoder --data "$B/decoder-latents.npz"
-python scripts/bench_int8.py --bundle "$B" --graphs vae_decoder --warmup 1 --repeats 3 --rounds 3 --out docs/bench_int8-f64c128-paper
+python scripts/bench_int8.py --bundle "$B" --graphs vae_decoder --decoder-latents "$B/decoder-latents.npz" --warmup 1 --repeats 3 --rounds 3 --out docs/bench_int8-f64c128-paper
