@@ -4,8 +4,9 @@ Defaults (flags of ``python -m calibration``):
 
 * ``vae_decoder``: INT8 images vs fp32 images >= 32 dB PSNR (images clipped to [-1, 1], as shown;
   peak = the fp32 images' range), decoding the fp32 latents of held-out photos;
-* ``vae_encoder``: latent cosine >= 0.99 on held-out photos;
-* ``transformer``: output cosine >= 0.99 on inputs recorded along held-out sampling trajectories;
+* ``vae_encoder``: latent cosine >= 0.99 on every held-out feed (photo batch);
+* ``transformer``: output cosine >= 0.99 on every held-out feed (inputs recorded along held-out sampling
+  trajectories);
 * end to end (encoder and decoder quantized together, or one of them with the other in fp32):
   reconstruction PSNR against the original photos drops by at most 0.3 dB.
 
@@ -62,10 +63,23 @@ def graph_gate(graph: str, gates: Gates, reference: np.ndarray, run: Runner, fs:
     m = compare(shown(graph, reference), shown(graph, out))
     tol = gates.tolerance(graph)
     metric, threshold = next(iter(tol.items()))
+    if metric == "min_cosine":  # the worst held-out feed: a cosine over the whole set let a denoiser through at 0.9925
+        m["cosine_whole_set"] = m["cosine"]  # whose output at one reference step had 0.9876
+        m["cosine"] = min(compare(reference[a:b], out[a:b])["cosine"] for a, b in feed_spans(fs))
     value = m.get(metric.removeprefix("min_"))
     return {"pass": passes(m, tol), "metric": metric.removeprefix("min_"), "value": value, "threshold": threshold,
             "held_out": fs.source, "samples": len(fs.feeds),
-            **{k: m[k] for k in ("psnr", "cosine", "rel_l2", "max_abs", "nonfinite") if k in m}}
+            **{k: m[k] for k in ("psnr", "cosine", "cosine_whole_set", "rel_l2", "max_abs", "nonfinite") if k in m}}
+
+
+def feed_spans(fs: FeedSet) -> list[tuple[int, int]]:
+    """[start, stop) of each feed's rows in run_set's concatenated output."""
+    spans, start = [], 0
+    for f in fs.feeds:
+        n = len(next(iter(f.values())))
+        spans.append((start, start + n))
+        start += n
+    return spans
 
 
 def describe_gate(graph: str, g: dict) -> str:

@@ -182,8 +182,8 @@ class LiteMLA(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         heads = channels // head_dim
-        # q/k/v and output projections: Linear modules, as in diffusers (efficientvit's 1x1-conv weights load
-        # into them), applied as 1x1 convolutions on NCHW (``pointwise``)
+        # q/k/v and output projections are Linear layers on channels-last tensors, as in diffusers:
+        # a 1x1 conv computes the same values but rounds differently (~1e-5 apart after a few blocks)
         self.to_qkv = nn.Linear(channels, 3 * heads * head_dim, bias=False)
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * heads * head_dim, heads, k) for k in scales)
         self.to_out = nn.Linear(heads * head_dim * (1 + len(scales)), channels, bias=False)
@@ -191,7 +191,7 @@ class LiteMLA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        qkv = pointwise(self.to_qkv, x)
+        qkv = self.to_qkv(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         qkv = torch.cat([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], dim=1)
         # (B, heads, 3*head_dim, N): inside each head q, k, v are consecutive channel blocks.
         qkv = qkv.float().reshape(b, -1, 3 * self.head_dim, h * w)
@@ -205,17 +205,8 @@ class LiteMLA(nn.Module):
                 out = attend(q, k, v)
         else:
             out = attend(q, k, v)
-        out = pointwise(self.to_out, out.to(x.dtype).reshape(b, -1, h, w))
+        out = self.to_out(out.to(x.dtype).reshape(b, -1, h, w).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x + self.norm_out(out)
-
-
-def pointwise(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A bias-free Linear over the channels of an NCHW tensor, as a 1x1 convolution: the same sums
-    (rounded ~5e-7 apart from the channels-last Linear on the bundled f64 decoder's pixels), without the
-    two permutes around it, which OpenVINO ran as generic transposes with layout reorders: with the
-    GLUMBConv split and the Tile shortcut, the bundled f64 decoder's non-compute time at 512² in bf16
-    halved (15.5 -> 7.7 ms of 43 / 32 ms in the performance counters; AMD EPYC, 2 threads)."""
-    return F.conv2d(x, linear.weight[:, :, None, None])
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -242,17 +233,9 @@ class GLUMBConv(nn.Module):
         self.norm = RMSNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the value and gate halves as two 1x1 + depthwise pairs on slices of the same weights: per output
-        # channel the same arithmetic as one conv pair and chunk(2) (bit for bit in torch), without the
-        # channel split, which OpenVINO runs as a reference-kernel VariadicSplit with layout reorders
-        hidden = self.conv_point.in_channels
-        y, gate = (self._half(x, slice(0, hidden)), self._half(x, slice(hidden, 2 * hidden)))
+        y = self.conv_depth(F.silu(self.conv_inverted(x)))
+        y, gate = y.chunk(2, dim=1)
         return x + self.norm(self.conv_point(y * F.silu(gate)))
-
-    def _half(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        inv, dw = self.conv_inverted, self.conv_depth
-        y = F.silu(F.conv2d(x, inv.weight[part], inv.bias[part]))
-        return F.conv2d(y, dw.weight[part], dw.bias[part], padding=1, groups=part.stop - part.start)
 
 
 class EfficientViTBlock(nn.Module):
