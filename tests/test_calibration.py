@@ -398,3 +398,22 @@ def test_openvino_op_costs_charge_quantize_steps_and_reorders_to_the_op_they_ser
                                        ops.constant(np.ones((8, 8), np.float32)), False, False, name="mm_a")], [x])
     assert op_costs({("conv", "Convolution", "brgconv_bf16"): 2.0, ("x_abcd_aBcd16b_conv", "Reorder", "jit"): 0.5,
                      ("mm_a", "MatMul", "brgemm"): 0.3, ("act", "Relu", "jit"): 1.0}, float_model) == pytest.approx({"conv": 2.5, "mm_a": 0.3})
+
+
+def test_cosine_gates_hold_on_every_held_out_feed():
+    """A graph that is exact on most feeds and wrong on one passes a cosine over the whole set; the gate is
+    the worst feed's (the digit transformer's all-INT8 graph: 0.9925 over the set, 0.93 on one feed)."""
+    from calibration.quality import Gates, graph_gate
+
+    rng = np.random.default_rng(0)
+    feeds = [{"hidden_states": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(8)]
+    scale = np.array([10.0] * 7 + [1.0], np.float32)  # the bad feed has small outputs, as late denoising steps
+    reference = np.concatenate([f["hidden_states"] * s for f, s in zip(feeds, scale)])
+    wrong = np.concatenate([reference[:14], -reference[14:]])  # the last feed's outputs flipped
+
+    def run(feed, _out=iter(np.split(wrong, 8))):
+        return [next(_out)]
+
+    fs = FeedSet("transformer", "evaluation", feeds, "test")
+    gate = graph_gate("transformer", Gates(), reference, run, fs)
+    assert gate["cosine_whole_set"] >= 0.99 and gate["cosine"] == pytest.approx(-1.0) and not gate["pass"]
