@@ -184,7 +184,8 @@ class LiteMLA(nn.Module):
         self.head_dim = head_dim
         heads = channels // head_dim
         # q/k/v and output projections are Linear layers on channels-last tensors, as in diffusers:
-        # a 1x1 conv computes the same values but rounds differently (~1e-5 apart after a few blocks)
+        # a 1x1 conv computes the same values but rounds differently (~1e-5 apart after a few blocks).
+        # ``project`` is the one place that applies them (export.graph_forms swaps it per backend).
         self.to_qkv = nn.Linear(channels, 3 * heads * head_dim, bias=False)
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * heads * head_dim, heads, k) for k in scales)
         self.to_out = nn.Linear(heads * head_dim * (1 + len(scales)), channels, bias=False)
@@ -192,7 +193,7 @@ class LiteMLA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        qkv = self.to_qkv(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        qkv = self.project(self.to_qkv, x)
         qkv = torch.cat([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], dim=1)
         # (B, heads, 3*head_dim, N): inside each head q, k, v are consecutive channel blocks.
         qkv = qkv.float().reshape(b, -1, 3 * self.head_dim, h * w)
@@ -206,8 +207,13 @@ class LiteMLA(nn.Module):
                 out = attend(q, k, v)
         else:
             out = attend(q, k, v)
-        out = self.to_out(out.to(x.dtype).reshape(b, -1, h, w).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = self.project(self.to_out, out.to(x.dtype).reshape(b, -1, h, w))
         return x + self.norm_out(out)
+
+    @staticmethod
+    def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear`` over the channels of an NCHW tensor."""
+        return linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -234,9 +240,12 @@ class GLUMBConv(nn.Module):
         self.norm = RMSNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_depth(F.silu(self.conv_inverted(x)))
-        y, gate = y.chunk(2, dim=1)
+        y, gate = self.value_and_gate(x)
         return x + self.norm(self.conv_point(y * F.silu(gate)))
+
+    def value_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expanded value and gate halves (export.graph_forms swaps this per backend)."""
+        return self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)
 
 
 class EfficientViTBlock(nn.Module):

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 # optimum-intel writes this for Sana's DC-AE encoder and decoder (PR #994, #1110)
 RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}
 ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
+# export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices (fewer layout reorders
+# in the CPU plugin; the same values up to rounding, validated against the model's own forms below)
+GRAPH_FORMS = ("pointwise_projections", "glu_halves")
 
 
 def frontend_extensions() -> list:
@@ -80,6 +83,8 @@ def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool, onnx_file: Path |
     import openvino as ov
     import torch
 
+    from .graph_forms import graph_forms
+
     inputs = [(t.name, ov.PartialShape(expected_shape(t, sizes, dynamic)), ov.Type(np.dtype(t.dtype))) for t in spec.inputs]
     t0 = time.perf_counter()
     try:
@@ -90,7 +95,8 @@ def convert_graph(spec: GraphSpec, sizes: dict, dynamic: bool, onnx_file: Path |
             else:
                 feeds = spec.trace_inputs(sizes)
                 args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
-                model = ov.convert_model(spec.module, example_input=args, input=inputs, extension=frontend_extensions())
+                with graph_forms(spec.module, GRAPH_FORMS):
+                    model = ov.convert_model(spec.module, example_input=args, input=inputs, extension=frontend_extensions())
     except Exception as e:  # noqa: BLE001 - report the converter's first line, not its traceback
         raise ExportError(f"{spec.name}: ov.convert_model failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     # exact names: tracing can attach internal names (e.g. 't', '56') to an input tensor
@@ -106,11 +112,13 @@ def onnx_for_conversion(spec: GraphSpec, folder: Path, sizes: dict, dynamic: boo
     Tracing the torch module inside ov.convert_model holds about two more copies of the weights
     (5.3 GiB peak for the 1.65 GB paper decoder); OpenVINO's ONNX reader needs one, and the torch
     weights can go before it runs."""
+    from .graph_forms import graph_forms
     from .onnx import export_graph
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    info = export_graph(spec, path, sizes, dynamic, opset=18, exporter="dynamo", lean_above_mb=0)
+    with graph_forms(spec.module, GRAPH_FORMS):
+        info = export_graph(spec, path, sizes, dynamic, opset=18, exporter="dynamo", lean_above_mb=0)
     print(f"    -[✓] through ONNX: dynamo, external data ({info['nodes_exported']} nodes, {info['seconds']} s)", flush=True)
     return path
 
@@ -265,6 +273,7 @@ def main(argv=None):
                 print("    torch weights released before conversion (references computed up front)")
             model, info = convert_graph(spec, sizes, dynamic, onnx_file)
             info["converted_from"] = "onnx (dynamo, external data)" if lean else "torch (traced)"
+            info["graph_forms"] = list(GRAPH_FORMS)
             print(f"    -[✓] ov.convert_model ({info['ops']} ops, {info['seconds']} s)")
             files = save(model, gdir, args.fp16_weights)
             del model

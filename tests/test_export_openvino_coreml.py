@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,39 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
     for graph, op in (("vae_encoder", "SpaceToDepth"), ("vae_decoder", "DepthToSpace")):
         xml = (out / graph / "openvino_model.xml").read_text()
         assert f'type="{op}"' in xml and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
+        # export.graph_forms: no Transposes around the attention projections, no channel split in GLUMBConv
+        # (what is left to split is attention's q/k/v)
+        assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == ["pointwise_projections", "glu_halves"]
+        moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split)"', xml)
+        assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
+
+
+@pytest.mark.parametrize("cfg_fn", [tiny_edge_f64, tiny_sana], ids=["edge-f64", "sana-multiscale"])
+def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
+    """export.graph_forms (OpenVINO's 1x1-conv projections and GLUMBConv halves from weight slices): the same
+    values as the model's own forms, every LiteMLA/GLUMBConv switched, and afterwards (also after a failure
+    inside) the model is the one ExecuTorch and ONNX export, bit for bit."""
+    import torch
+
+    from dcae_edge.autoencoder import GLUMBConv, LiteMLA
+    from export.graph_forms import graph_forms
+
+    model = make_model(cfg_fn(), seed=3)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+        with graph_forms(model, ("pointwise_projections", "glu_halves")) as switched:
+            inside = model(x)
+        after = model(x)
+        with pytest.raises(RuntimeError, match="tracing failed"), graph_forms(model, ("glu_halves",)):
+            raise RuntimeError("tracing failed")
+        again = model(x)
+    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) > 0
+    assert (inside - before).abs().max() < 1e-5 * before.abs().max()
+    assert torch.equal(after, before) and torch.equal(again, before)
+    assert not any("project" in vars(m) or "value_and_gate" in vars(m) for m in model.modules())
+    with pytest.raises(ValueError, match="unknown graph forms"), graph_forms(model, ("channels_last",)):
+        pass
 
 
 def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_files):
