@@ -88,6 +88,33 @@ def quantized_nodes(model) -> list:
     return [n for n in model.graph.node if n.op_type in OP_TYPES and set(n.input) & dq_out]
 
 
+def int8_node_costs(model, t_int8: dict[str, float]) -> dict[str, float]:
+    """What each quantized node costs in ORT's optimised INT8 graph, from its profile (ms per node name):
+    its QLinearConv / QLinearMatMul (the node's name plus "_token_N"), the DequantizeLinear taking its
+    output back to float (named after the output tensor), and the QuantizeLinear of each activation
+    input, split between the quantized nodes reading it. A QuantizeLinear that ORT fused into the INT8
+    producer before it has no time of its own and costs nothing."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantized = quantized_nodes(model)
+
+    def input_quantizers(node) -> list[str]:
+        names = []
+        for i in node.input:
+            dq = producer.get(i)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                names.append(q.name)
+        return names
+
+    readers = collections.Counter(q for n in quantized for q in set(input_quantizers(n)))
+    costs = {}
+    for node in quantized:
+        outs = tuple(o + "_DequantizeLinear" for o in node.output)
+        own = sum(v for k, v in t_int8.items() if k.startswith(node.name + "_token_") or k == node.name or k.startswith(outs))
+        costs[node.name] = own + sum(t_int8.get(q, 0.0) / readers[q] for q in set(input_quantizers(node)))
+    return costs
+
+
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
     shape = [1] * q.ndim
     if scale.ndim:  # per-channel: scales along ``axis``
@@ -197,7 +224,8 @@ class OnnxRuntimeBackend(Backend):
 
     # ---- latency-aware mixed precision: the OpenVINO pass's rule (calibration.__main__.latency_refine), timed
     # with ORT's profiler. ORT's INT8 conv costs its QLinearConv plus the DequantizeLinear that takes its output
-    # back to float for the glue; on the encoder's 3-channel stem that was 13 ms against 4 in fp32.
+    # back to float for the glue (on the encoder's 3-channel stem 13 ms against 4 in fp32) and its share of the
+    # QuantizeLinear feeding it (int8_node_costs).
     def _profile(self, path: Path, feeds: dict, optimized: bool, runs: int = 5, warmup: int = 2) -> dict[str, float]:
         """Median kernel ms per node name over ``runs`` runs after ``warmup`` (every node runs once per run,
         so its trace events in time order are its runs). ``optimized=False`` runs ORT's extended level, which
@@ -233,13 +261,8 @@ class OnnxRuntimeBackend(Backend):
         t_float = self._profile(self._dir(graph) / "pre.onnx", feeds, optimized=False)  # the names the quantizer saw
         t_int8 = self._profile(attempt.handle, feeds, optimized=True)
         rows, slow = [], []
-        for node in quantized_nodes(onnx.load(str(attempt.handle), load_external_data=False)):
-            name = node.name
+        for name, q in int8_node_costs(onnx.load(str(attempt.handle), load_external_data=False), t_int8).items():
             f = t_float.get(name, 0.0)
-            # QLinearConv / QLinearMatMul keep the conv's name plus "_token_N"; its output's DequantizeLinear nodes
-            # are named after the output tensor
-            outs = tuple(o + "_DequantizeLinear" for o in node.output)
-            q = sum(v for k, v in t_int8.items() if k.startswith(name + "_token_") or k == name or k.startswith(outs))
             if not f or not q:
                 continue
             rows.append({"node": name, "int8_ms": round(q, 3), "fp32_ms": round(f, 3), "int8": q < f})

@@ -367,6 +367,34 @@ def test_check_feeds_rejects_wrong_dtype():
         check_feeds(FeedSet("transformer", "calibration", [], "test"), manifest)
 
 
+def test_onnxruntime_int8_costs_charge_each_node_its_output_dequantize_and_its_share_of_the_input_quantize():
+    """The ORT latency pass's rule (injected profile): a quantized conv costs its QLinearConv, the DequantizeLinear
+    of its output and an equal share of the QuantizeLinear of its input; a QuantizeLinear that ORT fused into an
+    INT8 producer has no time of its own; float nodes are not charged."""
+    from onnx import helper
+
+    from calibration.onnxruntime import int8_node_costs
+
+    def qdq(t):  # the quantizer's naming: <tensor>_QuantizeLinear -> <tensor>_DequantizeLinear
+        return [helper.make_node("QuantizeLinear", [t, "s", "z"], [t + "_QuantizeLinear_Output"], name=t + "_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [t + "_QuantizeLinear_Output", "s", "z"], [t + "_DequantizeLinear_Output"],
+                                 name=t + "_DequantizeLinear")]
+
+    def weight(w):
+        return helper.make_node("DequantizeLinear", [w, "s", "z"], [w + "_DequantizeLinear_Output"], name=w + "_DequantizeLinear")
+
+    nodes = [*qdq("x"), weight("wa"), weight("wb"), weight("wc"),
+             helper.make_node("Conv", ["x_DequantizeLinear_Output", "wa_DequantizeLinear_Output"], ["y"], name="conv_a"),
+             helper.make_node("Conv", ["x_DequantizeLinear_Output", "wb_DequantizeLinear_Output"], ["z"], name="conv_b"),
+             *qdq("y"), helper.make_node("Relu", ["y_DequantizeLinear_Output"], ["r"], name="relu"),
+             *qdq("z"), helper.make_node("Conv", ["z_DequantizeLinear_Output", "wc_DequantizeLinear_Output"], ["c"], name="conv_c")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    profile = {"x_QuantizeLinear": 0.4, "conv_a_token_1": 1.0, "y_DequantizeLinear": 0.5, "conv_b_token_2": 2.0,
+               "conv_c_token_3": 1.0, "relu": 9.0}  # z's QuantizeLinear is fused into conv_b's QLinearConv
+    costs = int8_node_costs(model, profile)
+    assert costs == pytest.approx({"conv_a": 1.0 + 0.5 + 0.2, "conv_b": 2.0 + 0.2, "conv_c": 1.0})
+
+
 def test_openvino_op_costs_charge_quantize_steps_and_reorders_to_the_op_they_serve():
     """A quantize step that cannot fuse into its producer runs alone between two reorders: the latency
     pass charges all of it to the INT8 op it feeds (reorders are named <producer>_<formats>_<consumer>)."""
