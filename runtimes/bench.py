@@ -1,10 +1,11 @@
 """Benchmarks of an exported bundle on this machine, next to the SD-VAE f8 baseline.
 
-    python -m runtimes.bench --bundle exports/f64 --out docs/bench-f64 [--runs 10] [--threads 2] [--no-baseline]
+    python -m runtimes.bench --bundle exports/f64 --out docs/bench-f64 [--runs 10] [--rounds 3] [--threads 2] [--no-baseline]
 
 For every graph x backend x precision in the bundle (ORT fp32/fp16/int8, OpenVINO f32/bf16/int8)
 at batch 1 and 2: warm-up, N timed runs, p50/p90 latency, throughput and peak RSS (each
-configuration runs in its own process so the RSS is its own). The baseline is diffusers'
+configuration runs in its own process so the RSS is its own), in --rounds rounds that take turns
+(medians of the rounds: on a shared machine one slow spell no longer decides auto's mark). The baseline is diffusers'
 AutoencoderKL (SD-VAE f8, random weights suffice for timing) and the same DiT as the bundle's
 denoiser on SD-VAE latents with patch 2 (64x64x4 -> 1024 tokens at 512px), exported to ONNX and
 OpenVINO the same way; end-to-end 512px generation time (steps x denoiser at CFG batch 2 + one
@@ -106,6 +107,22 @@ def time_config(kind, path, precision, feeds, runs, warmup, threads) -> dict:
         return out
     finally:
         os.unlink(f.name)
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One row from a configuration's rounds (a fresh process each): the median of each timing and memory
+    figure, the runs added up. Rounds interleave the configurations, so a slow spell of a shared machine
+    lands on all of them instead of deciding which looks fastest. A round that failed makes the row fail."""
+    import statistics
+
+    failed = next((r for r in results if "p50_ms" not in r), None)
+    if failed is not None:
+        return failed
+    row = {k: round(statistics.median(r[k] for r in results), 2) for k, v in results[0].items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    row["runs"] = sum(r["runs"] for r in results)
+    row["rounds"] = len(results)
+    return row
 
 
 def feeds_for(graph: str, manifest: dict, batch: int) -> dict:
@@ -221,7 +238,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=10, help="timed runs per configuration and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="the bundle's configurations take turns this many times (a fresh process each); medians reported")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30, help="denoising steps for the end-to-end estimate")
@@ -231,18 +250,25 @@ def main(argv=None) -> int:
     from .pipeline import read_manifest
 
     manifest = read_manifest(args.bundle)
-    rows = []
+    configs = []
     for graph, backend, prec, path in bundle_configs(args.bundle, manifest):
         for batch in (1, 2) if graph != "transformer" else (2, 4):
             static = not manifest.get("dynamic", True)
             if static and batch != (2 if graph == "transformer" else 1):
                 continue
-            r = {"graph": graph, "backend": backend, "precision": prec, "batch": batch,
-                 **time_config(backend, str(path), prec, feeds_for(graph, manifest, batch), args.runs, args.warmup, args.threads)}
-            if "p50_ms" in r:
-                r["items_per_s"] = round(batch * 1000 / r["p50_ms"], 2)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            configs.append(({"graph": graph, "backend": backend, "precision": prec, "batch": batch},
+                            (backend, str(path), prec, feeds_for(graph, manifest, batch))))
+    results: list[list[dict]] = [[] for _ in configs]
+    for rnd in range(args.rounds):
+        for (label, (backend, path, prec, feeds)), done in zip(configs, results):
+            done.append(time_config(backend, path, prec, feeds, args.runs, args.warmup, args.threads))
+            print(json.dumps({**label, "round": rnd + 1, **done[-1]}), flush=True)
+    rows = []
+    for (label, _), done in zip(configs, results):
+        r = {**label, **merge_rounds(done)}
+        if "p50_ms" in r:
+            r["items_per_s"] = round(r["batch"] * 1000 / r["p50_ms"], 2)
+        rows.append(r)
     if not args.no_baseline:
         for name, path in baseline_models(manifest, args.cache).items():
             batch = 2 if name == "dit f8p2" else 1
@@ -258,7 +284,7 @@ def main(argv=None) -> int:
     mark_auto(rows, manifest, "p50_ms")
     e2e = end_to_end(rows, args.steps)
     report = {"bundle": str(args.bundle), "resolution": manifest["resolution"], "machine": machine(),
-              "threads": args.threads, "runs": args.runs, "rows": rows, "end_to_end": e2e,
+              "threads": args.threads, "runs": args.runs, "rounds": args.rounds, "rows": rows, "end_to_end": e2e,
               "command": "python -m runtimes.bench " + " ".join(argv or __import__("sys").argv[1:])}
     out = Path(args.out or args.bundle / "bench")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +316,8 @@ def end_to_end(rows: list[dict], steps: int) -> list[dict]:
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Benchmark of `{report['bundle']}` at {report['resolution']}px on {m['cpu']} ({m['cores']} cores, "
-             f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up; "
+             f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up "
+             f"in each of {report.get('rounds', 1)} rounds that take turns (medians of the rounds; the baselines one round); "
              "each configuration in its own process.", "", f"Command: `{report['command']}`", "",
              "Peak RSS is each configuration's own process; the runtime alone (interpreter, numpy, the runtime "
              "library) is the base, so model + activations = peak - base. Load s = building the session. **auto** marks "

@@ -32,6 +32,6 @@ for md in Path("docs/calibration-f64").glob("*.md"):
 PY
 python scripts/bench_int8.py --bundle "$B" --out docs/bench_int8-f64 --store
 [ -n "${SKIP_BENCH:-}" ] && exit 0  # the slower benchmarks below
-python -m runtimes.bench --bundle "$B" --out docs/bench-f64 --runs 10
+python -m runtimes.bench --bundle "$B" --out docs/bench-f64 --runs 10 --rounds 3
 python scripts/bench_web.py --bundle "$B" --out docs/bench-web
 python scripts/bench_mobile.py --bundle "$B" --out docs/bench-mobile

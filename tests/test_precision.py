@@ -101,6 +101,28 @@ def test_benchmarks_mark_what_auto_picks_at_its_probe_batch():
     assert [(r["precision"], r["batch"]) for r in rows if r.get("auto")] == [("int8", 1)]
 
 
+def test_benchmark_rounds_report_medians_so_one_slow_spell_does_not_decide_auto():
+    """runtimes.bench times each configuration in rounds that take turns; a row is the median of its
+    rounds (runs added up), so one round in a slow spell does not flip which artifact auto marks; a failed
+    round fails the row."""
+    from runtimes.bench import merge_rounds
+
+    def timed(p50, peak):
+        return {"load_s": 0.2, "first_ms": 3 * p50, "p50_ms": p50, "p90_ms": 1.1 * p50, "runs": 10,
+                "base_rss_mb": 55.0, "peak_rss_mb": peak, "model_rss_mb": peak - 55.0}
+
+    bf16 = merge_rounds([timed(30.0, 170.0), timed(31.0, 172.0), timed(29.0, 171.0)])
+    int8 = merge_rounds([timed(24.0, 160.0), timed(50.0, 161.0), timed(23.0, 159.0)])  # round 2 in a slow spell
+    assert int8["p50_ms"] == 24.0 and bf16["p50_ms"] == 30.0 and int8["runs"] == 30 and int8["rounds"] == 3
+    assert int8["peak_rss_mb"] == 160.0 and int8["model_rss_mb"] == 105.0
+    m = manifest_with({"fp32": True, "bf16": True, "int8": True}, "openvino")
+    rows = [{"graph": "vae_decoder", "backend": "openvino", "precision": p, "batch": 1, **r}
+            for p, r in (("bf16", bf16), ("int8", int8))]
+    P.mark_auto(rows, m, "p50_ms")
+    assert [r["precision"] for r in rows if r.get("auto")] == ["int8"]
+    assert merge_rounds([timed(24.0, 160.0), {"error": "RuntimeError: no such device"}]) == {"error": "RuntimeError: no such device"}
+
+
 def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, monkeypatch, capsys):
     from dcae_edge.checkpoints import save_autoencoder
     from export.onnx import main
