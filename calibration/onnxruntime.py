@@ -97,21 +97,22 @@ def int8_node_costs(model, t_int8: dict[str, float]) -> dict[str, float]:
     producer = {o: n for n in model.graph.node for o in n.output}
     quantized = quantized_nodes(model)
 
-    def input_quantizers(node) -> list[str]:
-        names = []
+    def input_quantizers(node) -> set[str]:
+        names = set()
         for i in node.input:
             dq = producer.get(i)
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is not None and q.op_type == "QuantizeLinear":
-                names.append(q.name)
+                names.add(q.name)
         return names
 
-    readers = collections.Counter(q for n in quantized for q in set(input_quantizers(n)))
+    feeding = {n.name: input_quantizers(n) for n in quantized}
+    readers = collections.Counter(q for qs in feeding.values() for q in qs)
     costs = {}
     for node in quantized:
         outs = tuple(o + "_DequantizeLinear" for o in node.output)
         own = sum(v for k, v in t_int8.items() if k.startswith(node.name + "_token_") or k == node.name or k.startswith(outs))
-        costs[node.name] = own + sum(t_int8.get(q, 0.0) / readers[q] for q in set(input_quantizers(node)))
+        costs[node.name] = own + sum(t_int8.get(q, 0.0) / readers[q] for q in feeding[node.name])
     return costs
 
 

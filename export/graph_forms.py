@@ -30,6 +30,7 @@ from torch import nn
 
 from dcae_edge.autoencoder import GLUMBConv, LiteMLA
 
+
 def pointwise(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A bias-free Linear over the channels of an NCHW tensor, as a 1x1 convolution."""
     return F.conv2d(x, linear.weight[:, :, None, None])
@@ -52,6 +53,12 @@ FORMS = {
     "pointwise_projections": (LiteMLA, "project", lambda m: pointwise),
     "glu_halves": (GLUMBConv, "value_and_gate", lambda m: functools.partial(glu_halves, m)),
 }
+
+
+def forms_in(module: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """The named forms that change something in ``module`` (what a manifest records: a denoiser without
+    LiteMLA or GLUMBConv blocks was traced in the model's own forms)."""
+    return [n for n in names if any(isinstance(sub, FORMS[n][0]) for sub in module.modules())]
 
 
 @contextlib.contextmanager

@@ -237,6 +237,8 @@ def main(argv=None):
     args = parse(argv)  # before the import: --help works without openvino
     import openvino as ov
 
+    from .graph_forms import forms_in
+
 
     dynamic = not args.static
     key = "openvino/fp16w" if args.fp16_weights else "openvino/fp32"
@@ -263,6 +265,7 @@ def main(argv=None):
             sizes = export_sizes(spec, res)
             vsizes = validation_sizes(spec, res, dynamic)
             lean = exports_lean(spec, args.lean_above)
+            forms = forms_in(spec.module, GRAPH_FORMS)  # before a lean export releases the torch weights
             if lean:  # torch outputs first, so the torch weights can go before OpenVINO reads its own copy
                 for vs in vsizes:
                     spec.reference(vs)
@@ -273,7 +276,7 @@ def main(argv=None):
                 print("    torch weights released before conversion (references computed up front)")
             model, info = convert_graph(spec, sizes, dynamic, onnx_file)
             info["converted_from"] = "onnx (dynamo, external data)" if lean else "torch (traced)"
-            info["graph_forms"] = list(GRAPH_FORMS)
+            info["graph_forms"] = forms
             print(f"    -[✓] ov.convert_model ({info['ops']} ops, {info['seconds']} s)")
             files = save(model, gdir, args.fp16_weights)
             del model

@@ -113,13 +113,12 @@ def merge_rounds(results: list[dict]) -> dict:
     """One row from a configuration's rounds (a fresh process each): the median of each timing and memory
     figure, the runs added up. Rounds interleave the configurations, so a slow spell of a shared machine
     lands on all of them instead of deciding which looks fastest. A round that failed makes the row fail."""
-    import statistics
-
     failed = next((r for r in results if "p50_ms" not in r), None)
     if failed is not None:
         return failed
     row = {k: round(statistics.median(r[k] for r in results), 2) for k, v in results[0].items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    row["model_rss_mb"] = round(row["peak_rss_mb"] - row["base_rss_mb"], 1)  # as time_config: peak - base
     row["runs"] = sum(r["runs"] for r in results)
     row["rounds"] = len(results)
     return row

@@ -48,6 +48,7 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == ["pointwise_projections", "glu_halves"]
         moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split)"', xml)
         assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
+    assert m["graphs"]["transformer"]["artifacts"]["openvino/fp32"]["graph_forms"] == []  # no block to swap: none recorded
 
 
 @pytest.mark.parametrize("cfg_fn", [tiny_edge_f64, tiny_sana], ids=["edge-f64", "sana-multiscale"])
