@@ -31,7 +31,7 @@ import numpy as np
 
 from dcae_edge.compare import compare
 from dcae_edge.timing import interleaved_medians
-from export.openvino import ov_runner, profile_nodes
+from export.openvino import ov_runner, profile_together
 
 from . import CalibrationError
 from .backend import Backend, log_level
@@ -98,6 +98,23 @@ def op_costs(node_ms: dict[tuple[str, str, str], float], model) -> dict[str, flo
     return dict(cost)
 
 
+def shortcut_convolutions(model) -> list[str]:
+    """Convolutions whose weights hold one value besides zeros: export.graph_forms' shortcut copies (ones) and
+    averages (1/g), data movement written as a convolution; no trained layer looks like that. Never quantized:
+    they compute no learned function, and INT8 copies of the residual stream would only add their rounding."""
+    names = []
+    for op in model.get_ops():
+        if op.get_type_name() in ("Convolution", "GroupConvolution"):
+            weights = constant_source(op.input_value(1))
+            if weights is None:
+                continue
+            w = weights.get_data().ravel()
+            nonzero = w[w != 0]
+            if nonzero.size and (nonzero == nonzero[0]).all():
+                names.append(op.get_friendly_name())
+    return names
+
+
 def ir_counts(model) -> dict:
     ops = collections.Counter(op.get_type_name() for op in model.get_ops())
     consts = collections.Counter(op.get_element_type().get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant")
@@ -158,7 +175,8 @@ class OpenVinoBackend(Backend):
         other_types = sorted({op.get_type_name() for op in model.get_ops()} - COMPUTE_OPS)
         opts = {"subset_size": len(self.feeds[graph]),
                 "model_type": nncf.ModelType.TRANSFORMER if graph == "transformer" else None,
-                "ignored_scope": nncf.IgnoredScope(names=list(excluded), types=other_types, validate=False)}
+                "ignored_scope": nncf.IgnoredScope(names=list(excluded) + shortcut_convolutions(model), types=other_types,
+                                                   validate=False)}
         return opts, AdvancedQuantizationParameters(**advanced)
 
     def _attempt(self, graph: str, model, excluded: list[str]) -> Attempt:
@@ -254,11 +272,12 @@ class OpenVinoBackend(Backend):
                        mode=f"NNCF accuracy control (max drop {budget:g} {metric})")
 
     # ---- latency-aware mixed precision: INT8 only where it is faster on this CPU
-    def layer_times(self, model, feeds: dict, hint: str, runs: int = 5) -> dict[str, float]:
-        """Median ms per quantized op of ``model`` at ``hint`` (the float part's precision: this CPU's
-        default, bf16 where it has native bf16), from OpenVINO's performance counters, with what the op
-        brings along charged to it (``op_costs``)."""
-        return op_costs(profile_nodes(self.core, model, feeds, hint, runs), model)
+    def layer_times(self, models: list, feeds: dict, hint: str, runs: int = 9) -> list[dict[str, float]]:
+        """Median ms per quantized op of each model at ``hint`` (the float part's precision: this CPU's
+        default, bf16 where it has native bf16), from OpenVINO's performance counters with the models' runs
+        taking turns, with what the op brings along charged to it (``op_costs``)."""
+        profiles = profile_together(self.core, models, feeds, hint, runs)
+        return [op_costs(nodes, model) for nodes, model in zip(profiles, models)]
 
     def default_hint(self) -> str:
         """The CPU plugin's default float precision here: bf16 where the CPU has native bf16, else f32."""
@@ -282,8 +301,7 @@ class OpenVinoBackend(Backend):
         in float."""
         hint = self.default_hint()
         feeds = self.feeds[graph][0]
-        t_float = self.layer_times(self._read(graph), feeds, hint)
-        t_int8 = self.layer_times(attempt.handle, feeds, hint)
+        t_float, t_int8 = self.layer_times([self._read(graph), attempt.handle], feeds, hint)
         rows, slow = [], []
         for name in sorted(quantized_ops(attempt.handle)):
             f, q = t_float.get(name), t_int8.get(name)

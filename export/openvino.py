@@ -50,9 +50,9 @@ if TYPE_CHECKING:
 # optimum-intel writes this for Sana's DC-AE encoder and decoder (PR #994, #1110)
 RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}
 ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
-# export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices (fewer layout reorders
-# in the CPU plugin; the same values up to rounding, validated against the model's own forms below)
-GRAPH_FORMS = ("pointwise_projections", "glu_halves")
+# export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the decoder's shortcut
+# copies as convolutions of ones (fewer layout reorders in the CPU plugin; the same values up to rounding, validated against the model's own forms below)
+GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions")
 
 
 def frontend_extensions() -> list:
@@ -178,16 +178,25 @@ def profile_nodes(core, model, feeds: dict, hint: str, runs: int = 5, config: di
     """Median ms per executed node over ``runs`` runs, keyed (node name, node type, kernel), from the CPU
     plugin's performance counters at one INFERENCE_PRECISION_HINT (``model``: an ov.Model or an IR path).
     Medians per node: a neighbour's burst on a shared machine then moves a node's time less than a mean."""
-    compiled = core.compile_model(model, "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
-    request = compiled.create_infer_request()
-    for _ in range(2):
-        request.infer(feeds)
-    times: dict[tuple[str, str, str], list[float]] = {}
+    return profile_together(core, [model], feeds, hint, runs, config)[0]
+
+
+def profile_together(core, models: list, feeds: dict, hint: str, runs: int = 5,
+                     config: dict | None = None) -> list[dict[tuple[str, str, str], float]]:
+    """profile_nodes for several models, their runs taking turns: two graphs compared node by node (INT8 vs
+    float) then share the machine's slow and quiet spells instead of each getting its own."""
+    requests = [core.compile_model(m, "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
+                .create_infer_request() for m in models]
+    for request in requests:
+        for _ in range(2):
+            request.infer(feeds)
+    times: list[dict[tuple[str, str, str], list[float]]] = [{} for _ in models]
     for _ in range(runs):
-        request.infer(feeds)
-        for info in request.get_profiling_info():
-            times.setdefault((info.node_name, info.node_type, info.exec_type), []).append(info.real_time.total_seconds() * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+        for request, per_node in zip(requests, times):
+            request.infer(feeds)
+            for info in request.get_profiling_info():
+                per_node.setdefault((info.node_name, info.node_type, info.exec_type), []).append(info.real_time.total_seconds() * 1000)
+    return [{k: statistics.median(v) for k, v in per_node.items()} for per_node in times]
 
 
 def median_ms(run, feeds: dict, repeats: int = 5) -> float:

@@ -167,7 +167,7 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
     return rows
 
 
-# kinds of CPU-plugin nodes (performance-counter node types) for the breakdown
+# kinds of CPU-plugin nodes (performance-counter node types) for the breakdown; shortcut convolutions are layout
 COMPUTE_OPS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 LAYOUT_OPS = ("Reorder", "Transpose", "DepthToSpace", "SpaceToDepth", "Broadcast", "VariadicSplit", "Split", "Concat",
               "Pad", "Gather", "StridedSlice", "Reshape", "Interpolate")
@@ -189,6 +189,7 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
     and the most INT8 could gain over bf16 on this graph: its compute twice as fast, the rest unchanged."""
     import openvino as ov
 
+    from calibration.openvino import shortcut_convolutions
     from export.openvino import profile_nodes
     from runtimes.backends import openvino_config
 
@@ -196,16 +197,22 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
     core, rows = ov.Core(), []
     for precision, key, runtime_precision in openvino_configs(core, arts):
         hint = openvino_hint(runtime_precision)
-        nodes = profile_nodes(core, str(bundle / arts[key]["files"][0]), feeds, hint, runs, openvino_config(hint, THREADS))
+        path = str(bundle / arts[key]["files"][0])
+        # export.graph_forms' shortcut convolutions copy or average channels: layout work, which INT8 never takes
+        shortcuts = set(shortcut_convolutions(core.read_model(path)))
+        nodes = profile_nodes(core, path, feeds, hint, runs, openvino_config(hint, THREADS))
         kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
         per_type: dict[str, float] = {}
-        for (_, node_type, kernel), ms in nodes.items():
-            kind = op_kind(node_type)
+        shortcut_ms = 0.0
+        for (name, node_type, kernel), ms in nodes.items():
+            kind = "layout" if name in shortcuts else op_kind(node_type)
             kinds[kind] += ms
+            shortcut_ms += ms * (name in shortcuts)
             if kind != "compute":
-                per_type[f"{node_type} ({kernel})"] = per_type.get(f"{node_type} ({kernel})", 0.0) + ms
+                label = f"{node_type}{' shortcut' * (name in shortcuts)} ({kernel})"
+                per_type[label] = per_type.get(label, 0.0) + ms
         row = {"graph": graph, "precision": precision, **{f"{k}_ms": round(v, 2) for k, v in kinds.items()},
-               "total_ms": round(sum(kinds.values()), 2),
+               "total_ms": round(sum(kinds.values()), 2), "shortcut_ms": round(shortcut_ms, 2),
                "largest_other": [[k, round(v, 2)] for k, v in sorted(per_type.items(), key=lambda kv: -kv[1])[:4]]}
         if precision == "bf16":
             rest = row["total_ms"] - kinds["compute"]
@@ -281,7 +288,7 @@ def markdown(report: dict) -> str:
     if report.get("breakdown"):
         lines += ["", "## Where OpenVINO spends the time", "",
                   f"Performance counters, ms per run summed per kind of op (compute: convolutions, matmuls; layout: reorders, "
-                  f"transposes, depth/space moves, broadcasts, splits); ceiling: total / (compute / {INT8_COMPUTE_GAIN:g} + rest), "
+                  f"transposes, depth/space moves, broadcasts, splits, the shortcut convolutions); ceiling: total / (compute / {INT8_COMPUTE_GAIN:g} + rest), "
                   "the most INT8 could gain over bf16 here.", "",
                   "| graph | precision | compute | layout | quantize | other | sum | INT8 ceiling vs bf16 | largest non-compute |",
                   "|---|---|---|---|---|---|---|---|---|"]

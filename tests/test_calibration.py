@@ -157,6 +157,8 @@ def test_openvino_int8_fake_quantize(copy, data_dir):
     assert calibrate(copy, "openvino", data_dir, "--no-latency-aware") == 0
     import openvino as ov
 
+    from calibration.openvino import quantized_ops, shortcut_convolutions
+
     m = manifest(copy)
     core = ov.Core()
     for graph in ("vae_encoder", "vae_decoder", "transformer"):
@@ -166,6 +168,9 @@ def test_openvino_int8_fake_quantize(copy, data_dir):
         int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")]
         assert ops["FakeQuantize"] >= 3 and len(int8) >= 3, (graph, ops)
         assert art["gate"]["pass"] and art["counts"]["FakeQuantize"] == ops["FakeQuantize"]
+        # the shortcuts (convolutions of constant weights, export.graph_forms) stay float: data movement
+        shortcuts = shortcut_convolutions(ir)
+        assert (len(shortcuts) > 0) == (graph != "transformer") and not set(shortcuts) & quantized_ops(ir), (graph, shortcuts)
         # the same gate with the float remainder in bf16: measured where the CPU has native bf16, else said why not
         vb = art["validation_bf16"]
         assert ("pass" in vb and "gate" in vb) or "executes the bf16 hint as f32" in vb["skipped"], vb

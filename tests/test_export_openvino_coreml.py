@@ -44,39 +44,62 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         xml = (out / graph / "openvino_model.xml").read_text()
         assert f'type="{op}"' in xml and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
         # export.graph_forms: no Transposes around the attention projections, no channel split in GLUMBConv
-        # (what is left to split is attention's q/k/v)
-        assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == ["pointwise_projections", "glu_halves"]
-        moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split)"', xml)
+        # (what is left to split is attention's q/k/v), no Tile in the shortcuts
+        forms = ["pointwise_projections", "glu_halves", "shortcut_convolutions"]
+        assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == forms
+        moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split|Tile)"', xml)
         assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
+        means = re.findall(r'name="([^"]+)" type="ReduceMean"', xml)  # the RMSNorms' only: no shortcut average
+        assert means and all(".norm" in n for n in means), (graph, means)
     assert m["graphs"]["transformer"]["artifacts"]["openvino/fp32"]["graph_forms"] == []  # no block to swap: none recorded
 
 
 @pytest.mark.parametrize("cfg_fn", [tiny_edge_f64, tiny_sana], ids=["edge-f64", "sana-multiscale"])
 def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
-    """export.graph_forms (OpenVINO's 1x1-conv projections and GLUMBConv halves from weight slices): the same
-    values as the model's own forms, every LiteMLA/GLUMBConv switched, and afterwards (also after a failure
-    inside) the model is the one ExecuTorch and ONNX export, bit for bit."""
+    """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcut copies
+    as convolutions of ones): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut
+    switched, and afterwards (also after a failure inside) the model is the one ExecuTorch and ONNX export,
+    bit for bit."""
     import torch
 
     from dcae_edge.autoencoder import GLUMBConv, LiteMLA
-    from export.graph_forms import graph_forms
+    from export.graph_forms import FORMS, graph_forms, shortcut_convolution
 
     model = make_model(cfg_fn(), seed=3)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x)
-        with graph_forms(model, ("pointwise_projections", "glu_halves")) as switched:
+        with graph_forms(model, tuple(FORMS)) as switched:
             inside = model(x)
         after = model(x)
         with pytest.raises(RuntimeError, match="tracing failed"), graph_forms(model, ("glu_halves",)):
             raise RuntimeError("tracing failed")
         again = model(x)
-    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) > 0
+    shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
+    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts)
+    assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
     assert (inside - before).abs().max() < 1e-5 * before.abs().max()
     assert torch.equal(after, before) and torch.equal(again, before)
-    assert not any("project" in vars(m) or "value_and_gate" in vars(m) for m in model.modules())
+    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average"}
+    assert not any(swappable & set(vars(m)) for m in model.modules())
     with pytest.raises(ValueError, match="unknown graph forms"), graph_forms(model, ("channels_last",)):
         pass
+
+
+@pytest.mark.parametrize("c_in,c_out", [(8, 16), (8, 8), (16, 8), (8, 32)])
+def test_shortcut_convolutions_are_the_shortcuts(c_in, c_out):
+    """The constant-weight convolutions of export.graph_forms against the model's shortcuts: each group
+    size (averaging 1, 2, 4 or 8 unshuffled channels), the latent average (factor 1), the copy."""
+    import torch
+
+    from dcae_edge.autoencoder import channel_average, duplicate_channels, space_to_channel_average
+    from export.graph_forms import average_by_convolution, duplicate_by_convolution
+
+    x = torch.randn(2, c_in, 6, 10, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(average_by_convolution(x, c_out), space_to_channel_average(x, c_out), rtol=0, atol=1e-6)
+    if c_out <= c_in:
+        torch.testing.assert_close(average_by_convolution(x, c_out, factor=1), channel_average(x, c_out), rtol=0, atol=1e-6)
+    assert torch.equal(duplicate_by_convolution(x, 3), duplicate_channels(x, 3))
 
 
 def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_files):
@@ -103,6 +126,8 @@ def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_f
     for r in rows:
         parts = r["compute_ms"] + r["layout_ms"] + r["quantize_ms"] + r["other_ms"]
         assert r["compute_ms"] > 0 and abs(parts - r["total_ms"]) < 0.05, r
+        # export.graph_forms' shortcut convolutions (never quantized) count as layout, not as compute INT8 could speed up
+        assert 0 < r["shortcut_ms"] <= r["layout_ms"], r
     for r in (r for r in rows if r["precision"] == "bf16"):
         assert 1 < r["int8_ceiling_vs_bf16"] <= 2
 
