@@ -280,10 +280,12 @@ class DownBlock(nn.Module):
     # the shortcut, a method so that an exporter can trace an equivalent form (export.graph_forms)
     space_to_channel_average = staticmethod(space_to_channel_average)
 
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned path (a method for the same reason)."""
+        return F.pixel_unshuffle(self.conv(x), 2) if self.pixel_unshuffle else self.conv(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        if self.pixel_unshuffle:
-            y = F.pixel_unshuffle(y, 2)
+        y = self.downsample(x)
         if self.shortcut:
             y = y + self.space_to_channel_average(x, self.out_channels)
         return y

@@ -50,9 +50,10 @@ if TYPE_CHECKING:
 # optimum-intel writes this for Sana's DC-AE encoder and decoder (PR #994, #1110)
 RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}
 ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
-# export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the decoder's shortcut
-# copies as convolutions of ones (fewer layout reorders in the CPU plugin; the same values up to rounding, validated against the model's own forms below)
-GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions")
+# export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the shortcuts as
+# constant-weight convolutions, pixel_unshuffle(conv3x3) as one strided conv (fewer layout reorders in the CPU
+# plugin; the same values up to rounding, validated against the model's own forms below)
+GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample")
 
 
 def frontend_extensions() -> list:

@@ -38,14 +38,14 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert "validation_bf16" in art  # the CPU's default precision is measured separately
         assert (out / graph / "openvino_model.xml").is_file() and (out / graph / "openvino_model.bin").is_file()
     assert m["graphs"]["vae_decoder"]["artifacts"]["openvino/fp32"]["runtime_options"] == {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
-    # pixel_unshuffle / pixel_shuffle are one SpaceToDepth / DepthToSpace each, not Reshape-Transpose-Reshape
-    # (the validation above holds them to torch's channel order)
-    for graph, op in (("vae_encoder", "SpaceToDepth"), ("vae_decoder", "DepthToSpace")):
+    # pixel_shuffle is one DepthToSpace, not Reshape-Transpose-Reshape (the validation above holds it to torch's
+    # channel order); the encoder's pixel_unshuffles went into strided convolutions (graph form strided_downsample)
+    for graph, op, present in (("vae_encoder", "SpaceToDepth", False), ("vae_decoder", "DepthToSpace", True)):
         xml = (out / graph / "openvino_model.xml").read_text()
-        assert f'type="{op}"' in xml and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
+        assert (f'type="{op}"' in xml) == present and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
         # export.graph_forms: no Transposes around the attention projections, no channel split in GLUMBConv
         # (what is left to split is attention's q/k/v), no Tile in the shortcuts
-        forms = ["pointwise_projections", "glu_halves", "shortcut_convolutions"]
+        forms = ["pointwise_projections", "glu_halves", "shortcut_convolutions"] + ["strided_downsample"] * (graph == "vae_encoder")
         assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == forms
         moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split|Tile)"', xml)
         assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
@@ -56,13 +56,13 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
 
 @pytest.mark.parametrize("cfg_fn", [tiny_edge_f64, tiny_sana], ids=["edge-f64", "sana-multiscale"])
 def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
-    """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcut copies
-    as convolutions of ones): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut
+    """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcuts as
+    constant-weight convolutions, conv3x3 + pixel_unshuffle as one strided conv): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut
     switched, and afterwards (also after a failure inside) the model is the one ExecuTorch and ONNX export,
     bit for bit."""
     import torch
 
-    from dcae_edge.autoencoder import GLUMBConv, LiteMLA
+    from dcae_edge.autoencoder import DownBlock, GLUMBConv, LiteMLA
     from export.graph_forms import FORMS, graph_forms, shortcut_convolution
 
     model = make_model(cfg_fn(), seed=3)
@@ -76,11 +76,13 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
             raise RuntimeError("tracing failed")
         again = model(x)
     shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
-    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts)
+    unshuffles = [m for m in model.modules() if isinstance(m, DownBlock) and m.pixel_unshuffle]
+    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) + len(unshuffles)
+    assert bool(unshuffles) == (cfg_fn is tiny_edge_f64)
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
     assert (inside - before).abs().max() < 1e-5 * before.abs().max()
     assert torch.equal(after, before) and torch.equal(again, before)
-    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average"}
+    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average", "downsample"}
     assert not any(swappable & set(vars(m)) for m in model.modules())
     with pytest.raises(ValueError, match="unknown graph forms"), graph_forms(model, ("channels_last",)):
         pass
