@@ -1,7 +1,7 @@
 """Equivalent forms of DC-AE ops for the backends whose compilers run them faster (the idea of
 optimum's ModelPatcher): same weights, same graph I/O, the same values up to float rounding.
 
-The model keeps the forms every backend lowers well. Two of them cost OpenVINO's CPU plugin layout
+The model keeps the forms every backend lowers well. Four of them cost OpenVINO's CPU plugin layout
 work it does not need:
 
 * ``pointwise_projections``: LiteMLA's q/k/v and output projections are Linear layers on a
@@ -22,8 +22,9 @@ work it does not need:
   SpaceToDepth (the bundled f64 encoder in bf16: 31.1 -> 27.3 ms).
 
 On the bundled f64 at 512² (AMD EPYC, AVX-512 bf16/VNNI, no AMX, 2 threads, OpenVINO performance
-counters) they cut the decoder from 39.4 to 32.2 ms in bf16 and 31.9 to 23.5 ms INT8 + bf16, the
-encoder from 31.2 to 29.1 / 26.8 to 22.6 ms. ExecuTorch must not get them: XNNPACK delegates only
+counters) the first two cut the decoder from 39.4 to 32.2 ms in bf16 and 31.9 to 23.5 ms INT8 + bf16, the
+encoder from 31.2 to 29.1 / 26.8 to 22.6 ms; the shortcut convolutions then the bf16 encoder 42.5 -> 31.9 ms
+(wall clock, interleaved; the decoder 1-6%). ExecuTorch must not get them: XNNPACK delegates only
 convolutions whose weights are parameters, and a conv on a slice of one ran outside it (the decoder
 0.22 -> 7 s). So a backend asks for forms by name around its tracing (``with graph_forms(module, ...)``)
 and records them in its manifest entry; the model itself is untouched afterwards.
