@@ -18,8 +18,10 @@ work it does not need:
   for the average (g = 2 or 4: exact in bf16 too). calibration.openvino never quantizes these convolutions;
 * ``strided_downsample``: a DownBlock's learned path, a 3x3 convolution then pixel_unshuffle (a
   SpaceToDepth between reorders), as one 4x4 stride-2 convolution whose weights hold the 3x3 kernel at
-  the four sub-pixel offsets (zeros elsewhere): the same products, 16/9 of the multiply-adds, no
-  SpaceToDepth (the bundled f64 encoder in bf16: 31.1 -> 27.3 ms).
+  the four sub-pixel offsets (zeros elsewhere): the same products, 16/9 of the multiply-adds, but 64/9 of
+  the weights. So only the narrow high-resolution blocks take it (at most STRIDED_MAX_WEIGHTS): there the
+  SpaceToDepth moves the most data for the fewest weights (bundled f64 encoder: the first three of six
+  blocks, 3.4 of its 3.6 ms of SpaceToDepth in bf16, for +0.6 MB; all six would add 4.2 MB to a 9.8 MB IR).
 
 On the bundled f64 at 512² (AMD EPYC, AVX-512 bf16/VNNI, no AMX, 2 threads, OpenVINO performance
 counters) the first two cut the decoder from 39.4 to 32.2 ms in bf16 and 31.9 to 23.5 ms INT8 + bf16, the
@@ -35,11 +37,10 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import numpy as np
 
 from dcae_edge.autoencoder import Decoder, DownBlock, Encoder, GLUMBConv, LiteMLA, UpBlock
 
@@ -82,6 +83,14 @@ def average_by_convolution(x: torch.Tensor, out_channels: int, factor: int = 2) 
     return F.conv2d(x, torch.from_numpy(weight).to(x.dtype), stride=factor, groups=groups)
 
 
+STRIDED_MAX_WEIGHTS = 1 << 17  # elements of a 4x4 strided weight (512 KB in f32)
+
+
+def strides_cheaply(m: nn.Module) -> bool:
+    """A DownBlock whose conv3x3 + pixel_unshuffle becomes a strided conv of at most STRIDED_MAX_WEIGHTS."""
+    return isinstance(m, DownBlock) and m.pixel_unshuffle and 4 * m.conv.weight[:, :, :1, :1].numel() * 16 <= STRIDED_MAX_WEIGHTS
+
+
 def strided_downsample(block: DownBlock, x: torch.Tensor) -> torch.Tensor:
     """DownBlock.downsample, pixel_unshuffle(conv3x3(x), 2), as one 4x4 stride-2 convolution: output channel
     4c + 2dy + dx is channel c of the 3x3 convolution at sub-pixel (dy, dx), i.e. its kernel shifted by (dy, dx)."""
@@ -106,8 +115,7 @@ FORMS: dict[str, Callable[[nn.Module], tuple[str, Callable] | None]] = {
     "pointwise_projections": lambda m: ("project", pointwise) if isinstance(m, LiteMLA) else None,
     "glu_halves": lambda m: ("value_and_gate", functools.partial(glu_halves, m)) if isinstance(m, GLUMBConv) else None,
     "shortcut_convolutions": shortcut_convolution,
-    "strided_downsample": lambda m: (("downsample", functools.partial(strided_downsample, m))
-                                     if isinstance(m, DownBlock) and m.pixel_unshuffle else None),
+    "strided_downsample": lambda m: ("downsample", functools.partial(strided_downsample, m)) if strides_cheaply(m) else None,
 }
 
 

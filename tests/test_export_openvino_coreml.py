@@ -62,8 +62,8 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
     bit for bit."""
     import torch
 
-    from dcae_edge.autoencoder import DownBlock, GLUMBConv, LiteMLA
-    from export.graph_forms import FORMS, graph_forms, shortcut_convolution
+    from dcae_edge.autoencoder import GLUMBConv, LiteMLA
+    from export.graph_forms import FORMS, graph_forms, shortcut_convolution, strides_cheaply
 
     model = make_model(cfg_fn(), seed=3)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -76,7 +76,7 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
             raise RuntimeError("tracing failed")
         again = model(x)
     shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
-    unshuffles = [m for m in model.modules() if isinstance(m, DownBlock) and m.pixel_unshuffle]
+    unshuffles = [m for m in model.modules() if strides_cheaply(m)]
     assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) + len(unshuffles)
     assert bool(unshuffles) == (cfg_fn is tiny_edge_f64)
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
@@ -102,6 +102,24 @@ def test_shortcut_convolutions_are_the_shortcuts(c_in, c_out):
     if c_out <= c_in:
         torch.testing.assert_close(average_by_convolution(x, c_out, factor=1), channel_average(x, c_out), rtol=0, atol=1e-6)
     assert torch.equal(duplicate_by_convolution(x, 3), duplicate_channels(x, 3))
+
+
+def test_strided_downsample_is_the_down_block_and_only_for_narrow_blocks():
+    """conv3x3 + pixel_unshuffle as one 4x4 stride-2 conv: the same values; only where its 64/9 times larger
+    weights stay small (the narrow high-resolution blocks), so the IR does not grow by several MB."""
+    import torch
+
+    from dcae_edge.autoencoder import DownBlock
+    from export.graph_forms import STRIDED_MAX_WEIGHTS, strided_downsample, strides_cheaply
+
+    torch.manual_seed(0)
+    narrow, wide = DownBlock(32, 64, pixel_unshuffle=True, shortcut=True), DownBlock(128, 256, pixel_unshuffle=True, shortcut=True)
+    x = torch.randn(2, 32, 12, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(strided_downsample(narrow, x), narrow.downsample(x), rtol=0, atol=1e-5)
+    assert strides_cheaply(narrow) and not strides_cheaply(wide)  # 4*64*128*16 weights > STRIDED_MAX_WEIGHTS
+    assert 4 * 64 * 128 * 16 > STRIDED_MAX_WEIGHTS >= 4 * 16 * 32 * 16
+    assert not strides_cheaply(DownBlock(32, 64, pixel_unshuffle=False, shortcut=True))  # a stride-2 conv already
 
 
 def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_files):
