@@ -88,7 +88,8 @@ STRIDED_MAX_WEIGHTS = 1 << 17  # elements of a 4x4 strided weight (512 KB in f32
 
 def strides_cheaply(m: nn.Module) -> bool:
     """A DownBlock whose conv3x3 + pixel_unshuffle becomes a strided conv of at most STRIDED_MAX_WEIGHTS."""
-    return isinstance(m, DownBlock) and m.pixel_unshuffle and 4 * m.conv.weight[:, :, :1, :1].numel() * 16 <= STRIDED_MAX_WEIGHTS
+    # the strided weight: 4x the output channels (one per sub-pixel), 4x4 taps
+    return isinstance(m, DownBlock) and m.pixel_unshuffle and 4 * m.conv.out_channels * m.conv.in_channels * 16 <= STRIDED_MAX_WEIGHTS
 
 
 def strided_downsample(block: DownBlock, x: torch.Tensor) -> torch.Tensor:

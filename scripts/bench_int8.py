@@ -197,19 +197,20 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
     core, rows = ov.Core(), []
     for precision, key, runtime_precision in openvino_configs(core, arts):
         hint = openvino_hint(runtime_precision)
-        path = str(bundle / arts[key]["files"][0])
+        model = core.read_model(str(bundle / arts[key]["files"][0]))
         # export.graph_forms' shortcut convolutions copy or average channels: layout work, which INT8 never takes
-        shortcuts = set(shortcut_convolutions(core.read_model(path)))
-        nodes = profile_nodes(core, path, feeds, hint, runs, openvino_config(hint, THREADS))
+        shortcuts = set(shortcut_convolutions(model))
+        nodes = profile_nodes(core, model, feeds, hint, runs, openvino_config(hint, THREADS))
         kinds = {"compute": 0.0, "layout": 0.0, "quantize": 0.0, "other": 0.0}
         per_type: dict[str, float] = {}
         shortcut_ms = 0.0
         for (name, node_type, kernel), ms in nodes.items():
-            kind = "layout" if name in shortcuts else op_kind(node_type)
+            is_shortcut = name in shortcuts
+            kind = "layout" if is_shortcut else op_kind(node_type)
             kinds[kind] += ms
-            shortcut_ms += ms * (name in shortcuts)
+            shortcut_ms += ms if is_shortcut else 0.0
             if kind != "compute":
-                label = f"{node_type}{' shortcut' * (name in shortcuts)} ({kernel})"
+                label = f"{node_type}{' shortcut' * is_shortcut} ({kernel})"
                 per_type[label] = per_type.get(label, 0.0) + ms
         row = {"graph": graph, "precision": precision, **{f"{k}_ms": round(v, 2) for k, v in kinds.items()},
                "total_ms": round(sum(kinds.values()), 2), "shortcut_ms": round(shortcut_ms, 2),
