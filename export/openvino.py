@@ -51,9 +51,10 @@ if TYPE_CHECKING:
 RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_decoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}}
 ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
 # export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the shortcuts as
-# constant-weight convolutions, pixel_unshuffle(conv3x3) as one strided conv (fewer layout reorders in the CPU
+# constant-weight convolutions, pixel_unshuffle(conv3x3) as one strided conv, the block shortcuts inside their
+# convolutions' weights (fewer layout reorders in the CPU
 # plugin; the same values up to rounding, validated against the model's own forms below)
-GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample")
+GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample", "shortcuts_in_weights")
 
 
 def frontend_extensions() -> list:
@@ -185,9 +186,12 @@ def profile_nodes(core, model, feeds: dict, hint: str, runs: int = 5, config: di
 def profile_together(core, models: list, feeds: dict, hint: str, runs: int = 5,
                      config: dict | None = None) -> list[dict[tuple[str, str, str], float]]:
     """profile_nodes for several models, their runs taking turns: two graphs compared node by node (INT8 vs
-    float) then share the machine's slow and quiet spells instead of each getting its own."""
-    requests = [core.compile_model(m, "CPU", {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
-                .create_infer_request() for m in models]
+    float) then share the machine's slow and quiet spells instead of each getting its own. Compiled for the
+    feeds' shapes, as runtimes.backends.OpenVinoGraph runs them."""
+    from runtimes.backends import compile_for
+
+    config = {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True}
+    requests = [compile_for(core, m, feeds, config).create_infer_request() for m in models]
     for request in requests:
         for _ in range(2):
             request.infer(feeds)

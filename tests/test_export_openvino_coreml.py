@@ -45,8 +45,15 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert (f'type="{op}"' in xml) == present and "pixel_shuffle/Transpose" not in xml and "pixel_unshuffle/Transpose" not in xml, graph
         # export.graph_forms: no Transposes around the attention projections, no channel split in GLUMBConv
         # (what is left to split is attention's q/k/v), no Tile in the shortcuts
-        forms = ["pointwise_projections", "glu_halves", "shortcut_convolutions"] + ["strided_downsample"] * (graph == "vae_encoder")
+        forms = (["pointwise_projections", "glu_halves", "shortcut_convolutions"] + ["strided_downsample"] * (graph == "vae_encoder")
+                 + ["shortcuts_in_weights"])
         assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == forms
+        # shortcuts_in_weights took every up/down block's shortcut into its conv's weights: the one shortcut
+        # convolution left is the latent's (the decoder's input copy, the encoder's output average)
+        from calibration.openvino import shortcut_convolutions
+
+        import openvino
+        assert len(shortcut_convolutions(openvino.Core().read_model(str(out / graph / "openvino_model.xml")))) == 1, graph
         moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split|Tile)"', xml)
         assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
         means = re.findall(r'name="([^"]+)" type="ReduceMean"', xml)  # the RMSNorms' only: no shortcut average
@@ -63,7 +70,7 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
     import torch
 
     from dcae_edge.autoencoder import GLUMBConv, LiteMLA
-    from export.graph_forms import FORMS, graph_forms, shortcut_convolution, strides_cheaply
+    from export.graph_forms import FORMS, folds_shortcut, graph_forms, shortcut_convolution, strides_cheaply
 
     model = make_model(cfg_fn(), seed=3)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -77,12 +84,14 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
         again = model(x)
     shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
     unshuffles = [m for m in model.modules() if strides_cheaply(m)]
-    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) + len(unshuffles)
+    folded = [m for m in model.modules() if folds_shortcut(m)]
+    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) + len(unshuffles) + len(folded)
+    assert {type(m).__name__ for m in folded} == ({"UpBlock", "DownBlock"} if cfg_fn is tiny_edge_f64 else {"DownBlock"})
     assert bool(unshuffles) == (cfg_fn is tiny_edge_f64)
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
     assert (inside - before).abs().max() < 1e-5 * before.abs().max()
     assert torch.equal(after, before) and torch.equal(again, before)
-    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average", "downsample"}
+    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average", "downsample", "forward"}
     assert not any(swappable & set(vars(m)) for m in model.modules())
     with pytest.raises(ValueError, match="unknown graph forms"), graph_forms(model, ("channels_last",)):
         pass
@@ -120,6 +129,32 @@ def test_strided_downsample_is_the_down_block_and_only_for_narrow_blocks():
     assert strides_cheaply(narrow) and not strides_cheaply(wide)  # 4*64*128*16 weights > STRIDED_MAX_WEIGHTS
     assert 4 * 64 * 128 * 16 > STRIDED_MAX_WEIGHTS >= 4 * 16 * 32 * 16
     assert not strides_cheaply(DownBlock(32, 64, pixel_unshuffle=False, shortcut=True))  # a stride-2 conv already
+
+
+def test_shortcuts_in_weights_are_the_blocks():
+    """An up block's copy shortcut in its conv's centre tap, a down block's average in its stride-2 weights (the
+    4x4 strided form, SANA's 3x3 stride-2 conv): the blocks' values. Not where the shortcut depends on the
+    sub-pixel (a nearest-upsampled up block) or the learned path is not strided (a wide pixel_unshuffle block)."""
+    import torch
+
+    from dcae_edge.autoencoder import DownBlock, UpBlock
+    from export.graph_forms import down_with_shortcut_in_weights, folds_shortcut, up_with_shortcut_in_weights
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 12, 20)
+    with torch.no_grad():
+        for c_out in (16, 32, 64):  # copies: 8, 4, 2 per input channel (the pixel_shuffle's 4x the output channels)
+            up = UpBlock(32, c_out, interpolate=False, shortcut=True)
+            assert folds_shortcut(up)
+            torch.testing.assert_close(up_with_shortcut_in_weights(up, x), up(x), rtol=0, atol=1e-5)
+        for c_out in (32, 64, 128):  # the average over 4, 2 and 1 unshuffled channels
+            for unshuffle in (True, False):
+                down = DownBlock(32, c_out, pixel_unshuffle=unshuffle, shortcut=True)
+                assert folds_shortcut(down)
+                torch.testing.assert_close(down_with_shortcut_in_weights(down, x), down(x), rtol=0, atol=1e-5)
+    assert not folds_shortcut(UpBlock(32, 16, interpolate=True, shortcut=True))
+    assert not folds_shortcut(DownBlock(128, 256, pixel_unshuffle=True, shortcut=True))  # wide: no strided form
+    assert not folds_shortcut(UpBlock(32, 16, interpolate=False, shortcut=False))
 
 
 def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_files):
