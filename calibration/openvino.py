@@ -32,6 +32,7 @@ import numpy as np
 from dcae_edge.compare import compare
 from dcae_edge.timing import interleaved_medians
 from export.openvino import ov_runner, profile_together
+from runtimes.backends import compile_for
 
 from . import CalibrationError
 from .backend import Backend, log_level
@@ -289,7 +290,7 @@ class OpenVinoBackend(Backend):
         feeds = self.feeds[graph][0]
         requests = []
         for a in attempts:
-            request = self.core.compile_model(a.handle, "CPU", {"INFERENCE_PRECISION_HINT": self.default_hint()}).create_infer_request()
+            request = compile_for(self.core, a.handle, feeds, {"INFERENCE_PRECISION_HINT": self.default_hint()}).create_infer_request()
             for _ in range(2):
                 request.infer(feeds)
             requests.append(request)

@@ -52,8 +52,8 @@ RUNTIME_OPTIONS = {"vae_encoder": {"ACTIVATIONS_SCALE_FACTOR": "8.0"}, "vae_deco
 ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_model.xml/.bin
 # export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the shortcuts as
 # constant-weight convolutions, pixel_unshuffle(conv3x3) as one strided conv, the block shortcuts inside their
-# convolutions' weights (fewer layout reorders in the CPU
-# plugin; the same values up to rounding, validated against the model's own forms below)
+# convolutions' weights (fewer layout reorders in the CPU plugin; the same values up to rounding, validated
+# against the model's own forms below)
 GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample", "shortcuts_in_weights")
 
 

@@ -67,6 +67,31 @@ def test_torch_free_encode_decode_generate(bundle):
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
+def test_openvino_compiles_a_dynamic_ir_per_input_shape(bundle, monkeypatch):
+    """A dynamic IR runs compiled for the shapes it is fed (the CPU plugin's static kernels): one compile per
+    shape, reused, the oldest dropped past STATIC_SHAPES, the same values as the dynamic model; large weights
+    (over STATIC_MAX_WEIGHTS_MB) compile the dynamic model once instead."""
+    from runtimes import backends
+
+    xml = bundle / "b" / "vae_decoder" / "openvino_model.xml"
+    dynamic = backends.OpenVinoGraph(xml, static=False)
+    static = backends.OpenVinoGraph(xml)
+    assert static.per_shape and not dynamic.per_shape
+    rng = np.random.default_rng(0)
+    shapes = [(1, 128, 4, 4), (2, 128, 4, 4), (1, 128, 4, 6), (1, 128, 6, 4), (1, 128, 6, 6)]
+    for i, shape in enumerate(shapes):
+        z = rng.standard_normal(shape).astype(np.float32)
+        got, want = static.run({"latent_sample": z})[0], dynamic.run({"latent_sample": z})[0]
+        assert got.shape == want.shape == (shape[0], 3, shape[2] * 64, shape[3] * 64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+        assert len(static._by_shape) == min(i + 1, backends.STATIC_SHAPES)
+    static.run({"latent_sample": z})  # the newest shape again: no new compile
+    assert len(static._by_shape) == backends.STATIC_SHAPES and next(reversed(static._by_shape))[0] == shapes[-1]
+    assert (1, 128, 4, 4) not in {k[0] for k in static._by_shape}  # the oldest went first
+    monkeypatch.setattr(backends, "STATIC_MAX_WEIGHTS_MB", 0)
+    assert not backends.OpenVinoGraph(xml).per_shape
+
+
 def test_parity_suite_passes_for_ort_and_openvino_against_cpu_reference(bundle, tmp_path):
     from runtimes.parity import main, run_parity
 
