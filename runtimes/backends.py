@@ -108,16 +108,20 @@ def with_static_shapes(model, shapes: dict[str, tuple[int, ...]]):
     return fixed
 
 
-def is_dynamic(model) -> bool:
-    return any(p.get_partial_shape().is_dynamic for p in model.inputs)
+def compiles_per_shape(model) -> bool:
+    """A dynamic model with at most STATIC_MAX_WEIGHTS_MB of constants (see STATIC_SHAPES)."""
+    if not any(p.get_partial_shape().is_dynamic for p in model.inputs):
+        return False
+    weights = sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
+    return weights <= STATIC_MAX_WEIGHTS_MB * 2**20
 
 
 def compile_for(core, model, feeds: dict[str, np.ndarray], config: dict, device: str = "CPU"):
-    """``model`` (an ov.Model or an IR path) compiled for the shapes of ``feeds``, as OpenVinoGraph runs it:
-    what a profile or a latency comparison should time."""
+    """``model`` (an ov.Model or an IR path) compiled for the shapes of ``feeds`` where OpenVinoGraph would
+    (compiles_per_shape), else as it is: what a profile or a latency comparison should time."""
     if not hasattr(model, "inputs"):
         model = core.read_model(str(model))
-    if is_dynamic(model):
+    if compiles_per_shape(model):
         model = with_static_shapes(model, {name: np.shape(x) for name, x in feeds.items()})
     return core.compile_model(model, device, config)
 
@@ -154,8 +158,7 @@ class OpenVinoGraph:
         self.core = ov.Core()
         model = self.core.read_model(str(path))
         self.device, self.config = device.upper(), openvino_config(hint, threads)
-        weights_mb = Path(path).with_suffix(".bin").stat().st_size / 2**20 if Path(path).with_suffix(".bin").is_file() else 0
-        self.per_shape = static and is_dynamic(model) and weights_mb <= STATIC_MAX_WEIGHTS_MB
+        self.per_shape = static and compiles_per_shape(model)
         self._model = model if self.per_shape else None
         self._by_shape: dict[tuple, _Compiled] = {}  # insertion order = age
         self._lock = threading.Lock()
