@@ -183,24 +183,14 @@ def profile_nodes(core, model, feeds: dict, hint: str, runs: int = 5, config: di
     return profile_together(core, [model], feeds, hint, runs, config)[0]
 
 
-# Two compiled paper-size decoders (f32 + INT8) at once took its calibration from 10.1 GiB (NNCF's statistics)
-# to a 12.7 GiB peak: above this many MB of constants in all, the models are profiled one after the other
-# (their runs take seconds each there, so a shared machine's spells move them less).
-PROFILE_TOGETHER_MAX_MB = 1024
-
-
 def profile_together(core, models: list, feeds: dict, hint: str, runs: int = 5,
                      config: dict | None = None) -> list[dict[tuple[str, str, str], float]]:
     """profile_nodes for several models, their runs taking turns: two graphs compared node by node (INT8 vs
     float) then share the machine's slow and quiet spells instead of each getting its own. Compiled for the
-    feeds' shapes, as runtimes.backends.OpenVinoGraph runs them. Over PROFILE_TOGETHER_MAX_MB of constants,
-    one model at a time."""
-    from runtimes.backends import compile_for, constants_bytes
+    feeds' shapes, as runtimes.backends.OpenVinoGraph runs them."""
+    from runtimes.backends import compile_for
 
     config = {**(config or {}), "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True}
-    models = [core.read_model(str(m)) if not hasattr(m, "inputs") else m for m in models]
-    if len(models) > 1 and sum(constants_bytes(m) for m in models) > PROFILE_TOGETHER_MAX_MB * 2**20:
-        return [profile_together(core, [m], feeds, hint, runs, config)[0] for m in models]
     requests = [compile_for(core, m, feeds, config).create_infer_request() for m in models]
     for request in requests:
         for _ in range(2):

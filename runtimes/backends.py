@@ -108,16 +108,12 @@ def with_static_shapes(model, shapes: dict[str, tuple[int, ...]]):
     return fixed
 
 
-def constants_bytes(model) -> int:
-    """Bytes of an ov.Model's constants (its weights, as the IR stores them)."""
-    return sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
-
-
 def compiles_per_shape(model) -> bool:
     """A dynamic model with at most STATIC_MAX_WEIGHTS_MB of constants (see STATIC_SHAPES)."""
     if not any(p.get_partial_shape().is_dynamic for p in model.inputs):
         return False
-    return constants_bytes(model) <= STATIC_MAX_WEIGHTS_MB * 2**20
+    weights = sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
+    return weights <= STATIC_MAX_WEIGHTS_MB * 2**20
 
 
 def compile_for(core, model, feeds: dict[str, np.ndarray], config: dict, device: str = "CPU"):

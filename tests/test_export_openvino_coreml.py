@@ -203,37 +203,6 @@ def test_benchmark_breakdown_sums_the_performance_counters_and_bounds_int8(f64_f
         assert 1 < r["int8_ceiling_vs_bf16"] <= 2
 
 
-def test_profiles_take_turns_unless_the_models_are_large(f64_files, monkeypatch):
-    """export.openvino.profile_together: the same nodes per model whether the models' runs take turns or, over
-    PROFILE_TOGETHER_MAX_MB of weights in all (two paper-size decoders compiled at once cost 2.6 GiB), one model
-    is compiled and profiled after the other."""
-    import collections
-
-    import openvino
-
-    from export import openvino as ov
-
-    out = f64_files / "bundle"
-    if not (out / "manifest.json").is_file():
-        ov.main(["--variant", "f64", "--weights", str(f64_files / "ae.safetensors"), "--denoiser", "none", "--out", str(out),
-                 "--resolution", "128", "--graphs", "vae_decoder"])
-    core = openvino.Core()
-    xml = out / "vae_decoder" / "openvino_model.xml"
-    models = [core.read_model(str(xml)), str(xml)]  # an ov.Model or an IR path
-    feeds = {"latent_sample": np.random.default_rng(0).standard_normal((1, 128, 2, 2)).astype(np.float32)}
-    together = ov.profile_together(core, models, feeds, "f32", runs=2)
-    calls = []
-    monkeypatch.setattr(ov, "PROFILE_TOGETHER_MAX_MB", 0)
-    real = ov.profile_together
-    monkeypatch.setattr(ov, "profile_together", lambda core, ms, *a, **kw: calls.append(len(ms)) or real(core, ms, *a, **kw))
-    apart = real(core, models, feeds, "f32", runs=2)
-    assert calls == [1, 1]  # one model at a time
-    assert len(together) == len(apart) == 2
-    kinds = lambda profile: collections.Counter(node_type for _, node_type, _ in profile)  # noqa: E731 - names of generated nodes vary per compile
-    for t, a in zip(together, apart):
-        assert kinds(t) == kinds(a) and kinds(t)["Convolution"] > 0 and sum(t.values()) > 0
-
-
 def test_large_graphs_convert_through_onnx_after_freeing_torch_weights(f64_files, capsys):
     """Above --lean-above, a graph is exported to a temporary ONNX file (dynamo, external data), its torch
     weights are freed, and OpenVINO converts the file: forced here on a tiny model; parity unchanged."""
