@@ -77,18 +77,27 @@ def duplicate_by_convolution(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return F.conv2d(x, torch.ones(channels * repeats, 1, 1, 1, dtype=x.dtype), groups=channels)
 
 
+def average_weights(out_channels: int, in_channels: int, factor: int = 2) -> np.ndarray:
+    """space_to_channel_average as the dense weights of a factor x factor convolution with that stride:
+    unshuffled channel i * factor² + tap goes to output (i * factor² + tap) // g with weight 1/g."""
+    taps = factor * factor
+    g = in_channels * taps // out_channels
+    o = np.arange(out_channels)[:, None, None, None]
+    i = np.arange(in_channels)[None, :, None, None]
+    tap = np.arange(factor)[:, None] * factor + np.arange(factor)[None, :]  # pixel_unshuffle's channel order
+    return np.where((i * taps + tap) // g == o, 1.0 / g, 0.0).astype(np.float32)
+
+
 def average_by_convolution(x: torch.Tensor, out_channels: int, factor: int = 2) -> torch.Tensor:
     """space_to_channel_average (pixel_unshuffle(factor), then the mean of each run of g consecutive channels)
-    as one grouped convolution, factor x factor with that stride; factor 1: channel_average."""
-    c_in, taps = int(x.shape[1]), factor * factor
-    g = c_in * taps // out_channels  # unshuffled channels averaged into one output
+    as one grouped convolution, factor x factor with that stride; factor 1: channel_average. Its weights are
+    average_weights' columns of each output's group (an output averages input channels of its group only)."""
+    c_in = int(x.shape[1])
     groups = min(c_in, out_channels)
     c_in_per_group, c_out_per_group = c_in // groups, out_channels // groups
-    o = np.arange(out_channels)[:, None, None, None]
-    j = np.arange(c_in_per_group)[None, :, None, None]
-    tap = np.arange(factor)[:, None] * factor + np.arange(factor)[None, :]  # pixel_unshuffle's channel order
-    channel = (o // c_out_per_group) * c_in_per_group + j  # input channel j of o's group
-    weight = np.where((channel * taps + tap) // g == o, 1.0 / g, 0.0).astype(np.float32)
+    o = np.arange(out_channels)[:, None]
+    channel = (o // c_out_per_group) * c_in_per_group + np.arange(c_in_per_group)[None, :]  # input channel j of o's group
+    weight = average_weights(out_channels, c_in, factor)[o, channel]  # [out, c_in / groups, factor, factor]
     return F.conv2d(x, torch.from_numpy(weight).to(x.dtype), stride=factor, groups=groups)
 
 
@@ -122,17 +131,6 @@ def copy_weights(out_channels: int, in_channels: int, kernel: int) -> np.ndarray
     o = np.arange(out_channels)
     w[o, o // (out_channels // in_channels), kernel // 2, kernel // 2] = 1.0
     return w
-
-
-def average_weights(out_channels: int, in_channels: int, factor: int = 2) -> np.ndarray:
-    """space_to_channel_average as the dense weights of a factor x factor convolution with that stride:
-    unshuffled channel i * factor² + tap goes to output (i * factor² + tap) // g with weight 1/g."""
-    taps = factor * factor
-    g = in_channels * taps // out_channels
-    o = np.arange(out_channels)[:, None, None, None]
-    i = np.arange(in_channels)[None, :, None, None]
-    tap = np.arange(factor)[:, None] * factor + np.arange(factor)[None, :]
-    return np.where((i * taps + tap) // g == o, 1.0 / g, 0.0).astype(np.float32)
 
 
 def up_with_shortcut_in_weights(block: UpBlock, x: torch.Tensor) -> torch.Tensor:

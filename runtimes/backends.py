@@ -181,8 +181,7 @@ class OpenVinoGraph:
             if compiled is None:
                 while len(self._by_shape) >= STATIC_SHAPES:
                     self._by_shape.pop(next(iter(self._by_shape)))
-                fixed = with_static_shapes(self._model, dict(zip(self.input_names, key)))
-                compiled = self._by_shape[key] = _Compiled(self.core.compile_model(fixed, self.device, self.config))
+                compiled = self._by_shape[key] = _Compiled(compile_for(self.core, self._model, feeds, self.config, self.device))
             return compiled
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

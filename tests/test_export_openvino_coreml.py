@@ -38,6 +38,13 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert "validation_bf16" in art  # the CPU's default precision is measured separately
         assert (out / graph / "openvino_model.xml").is_file() and (out / graph / "openvino_model.bin").is_file()
     assert m["graphs"]["vae_decoder"]["artifacts"]["openvino/fp32"]["runtime_options"] == {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
+    import openvino
+
+    from calibration.openvino import shortcut_convolutions
+    from dcae_edge.checkpoints import load_autoencoder
+    from export.graph_forms import folds_shortcut, shortcut_convolution
+
+    ae = load_autoencoder(str(f64_files / "ae.safetensors"))
     # pixel_shuffle is one DepthToSpace, not Reshape-Transpose-Reshape (the validation above holds it to torch's
     # channel order); the encoder's pixel_unshuffles went into strided convolutions (graph form strided_downsample)
     for graph, op, present in (("vae_encoder", "SpaceToDepth", False), ("vae_decoder", "DepthToSpace", True)):
@@ -50,13 +57,7 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == forms
         # shortcuts_in_weights took the blocks' shortcuts it folds into their convs' weights: the shortcut
         # convolutions left are the others' and the latent's (the decoder's input copy, the encoder's output average)
-        import openvino
-
-        from calibration.openvino import shortcut_convolutions
-        from dcae_edge.checkpoints import load_autoencoder
-        from export.graph_forms import folds_shortcut, shortcut_convolution
-
-        half = getattr(load_autoencoder(str(f64_files / "ae.safetensors")), graph.split("_")[1])
+        half = getattr(ae, graph.split("_")[1])
         kept = [m for m in half.modules() if shortcut_convolution(m) and not folds_shortcut(m)]
         assert len(kept) < sum(1 for m in half.modules() if shortcut_convolution(m)), graph  # some folded
         assert len(shortcut_convolutions(openvino.Core().read_model(str(out / graph / "openvino_model.xml")))) == len(kept), graph
@@ -70,9 +71,9 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
 @pytest.mark.parametrize("cfg_fn", [tiny_edge_f64, tiny_sana], ids=["edge-f64", "sana-multiscale"])
 def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
     """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcuts as
-    constant-weight convolutions, conv3x3 + pixel_unshuffle as one strided conv): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut
-    switched, and afterwards (also after a failure inside) the model is the one ExecuTorch and ONNX export,
-    bit for bit."""
+    constant-weight convolutions, conv3x3 + pixel_unshuffle as one strided conv, block shortcuts in their convs'
+    weights): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut switched, and afterwards
+    (also after a failure inside) the model is the one ExecuTorch and ONNX export, bit for bit."""
     import torch
 
     from dcae_edge.autoencoder import GLUMBConv, LiteMLA
