@@ -115,11 +115,17 @@ class Fp32:
             self.runners[graph] = self.backend.fp32_runner(graph)
         return self.runners[graph]
 
+    def release(self, graph: str) -> None:
+        """Forget a graph's runner until it is asked for again (a paper-size decoder's compiled fp32 graph
+        would otherwise sit in memory through every quantization of it)."""
+        self.runners.pop(graph, None)
+
 
 def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: Gates, fp32: Fp32, args) -> Outcome:
     print(f"\n  [{graph}] {backend.name} INT8 from {len(calib.feeds)} calibration feeds ({calib.source}"
           + (", cached" if calib.cached else "") + f"); gate on {len(held.feeds)} held-out feeds", flush=True)
     reference = run_set(fp32(graph), held)
+    fp32.release(graph)
     t = time.perf_counter()
     backend.prepare(graph, calib)
     evaluate = lambda attempt: graph_gate(graph, gates, reference, attempt.run, held)  # noqa: E731
@@ -136,6 +142,7 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
     if outcome.gate["pass"] and hasattr(backend, "bf16_run"):
         outcome.attempt.extra["validation_bf16"] = bf16_remainder_check(backend, graph, outcome.attempt, gates, reference,
                                                                         held, describe)
+    outcome.attempt.release()  # compiled again for the end-to-end gate: not held while the next graph is quantized
     outcome.seconds = round(time.perf_counter() - t, 1)
     mark = "✓" if outcome.gate["pass"] else "✗"
     print(f"    -[{mark}] {describe(outcome.gate)}; {backend.describe_counts(outcome.attempt.counts)}"
@@ -173,6 +180,7 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
         outcome.attempt.extra["layer_latency"] = [{**r, "int8": True} for r in rows]  # they run in INT8 in the saved graph
         return outcome
     names = sorted(set(outcome.attempt.excluded) | set(slow))
+    outcome.attempt.release()  # not held compiled while the mix is quantized (compiled again if it is kept)
     try:
         attempt = backend.quantize(graph, names)
     except CalibrationError as e:

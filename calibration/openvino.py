@@ -38,7 +38,7 @@ from . import CalibrationError
 from .backend import Backend, log_level
 from .data import FeedSet
 from .quality import shown, sqnr_db
-from .sensitivity import Attempt, Candidate, Outcome, rank_feeds
+from .sensitivity import Attempt, Candidate, CompiledOnDemand, Outcome, rank_feeds
 
 ESTIMATORS = {"minmax": None, "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}  # None: NNCF's min/max default
 # only the compute ops are quantized, as for onnxruntime: NNCF's CPU preset would also put
@@ -147,7 +147,7 @@ class OpenVinoBackend(Backend):
         return SimpleNamespace(output_names=self.output_names(graph))
 
     def _runner(self, graph: str, model):
-        return ov_runner(self.core, model, self._outputs(graph), "f32")[0]
+        return CompiledOnDemand(lambda: ov_runner(self.core, model, self._outputs(graph), "f32")[0])
 
     def bf16_run(self, graph: str, attempt: Attempt):
         """(run, precision executed) of an INT8 attempt with INFERENCE_PRECISION_HINT=bf16."""

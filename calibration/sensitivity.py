@@ -54,6 +54,26 @@ class Attempt:
     handle: object = None     # backend-specific: a path, an ov.Model, an MLModel
     extra: dict = field(default_factory=dict)
 
+    def release(self) -> None:
+        """Drop what ``run`` compiled, if it can compile again on its next call (CompiledOnDemand): at paper
+        size each compiled graph holds its weights once more while the next attempt is quantized."""
+        getattr(self.run, "release", lambda: None)()
+
+
+class CompiledOnDemand:
+    """A runner compiled on its first call by ``make()`` (-> feeds -> outputs), and again after release()."""
+
+    def __init__(self, make: Callable[[], Callable]):
+        self.make, self._run = make, None
+
+    def __call__(self, feeds):
+        if self._run is None:
+            self._run = self.make()
+        return self._run(feeds)
+
+    def release(self) -> None:
+        self._run = None
+
 
 @dataclass
 class Outcome:
@@ -93,6 +113,7 @@ def keep_float_until_gate(quantize: Callable[[list[str]], Attempt], evaluate: Ca
         excluded += todo[:take]
         step *= 2
         t = time.perf_counter()
+        attempt.release()  # not run again: free its compiled graph before the next quantization
         attempt = quantize([c.node for c in excluded])
         gate = evaluate(attempt)
         rounds.append({"round": r, "excluded": len(excluded), "gate": gate, "seconds": round(time.perf_counter() - t, 1)})

@@ -450,3 +450,35 @@ def test_cosine_gates_hold_on_every_held_out_feed():
     fs = FeedSet("transformer", "evaluation", feeds, "test")
     gate = graph_gate("transformer", Gates(), reference, run, fs)
     assert gate["cosine_whole_set"] >= 0.99 and gate["cosine"] == pytest.approx(-1.0) and not gate["pass"]
+
+
+def test_exclusion_rounds_hold_one_compiled_attempt_at_a_time():
+    """At paper size each compiled attempt holds the weights again: an attempt the rounds move past is
+    released before the next quantization, and a released runner compiles again when it is called."""
+    from calibration.sensitivity import Attempt, Candidate, CompiledOnDemand, keep_float_until_gate
+
+    compiled, log = set(), []
+
+    def quantize(excluded):
+        n = len(excluded)
+        log.append(("quantize", n, sorted(compiled)))  # what is compiled while the next attempt is made
+
+        def make():
+            compiled.add(n)
+            return lambda feeds: [np.float32(n)]
+
+        run = CompiledOnDemand(make)
+        orig = run.release
+        run.release = lambda: (compiled.discard(n), orig())
+        return Attempt(run=run, counts={}, excluded=list(excluded))
+
+    def evaluate(attempt):
+        value = attempt.run({})[0]
+        return {"pass": bool(value >= 2), "value": float(value)}
+
+    ranking = [Candidate(f"n{i}", "Convolution", 10.0 - i, "w") for i in range(4)]
+    outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=4, max_excluded=1.0)
+    assert outcome.gate["pass"] and len(outcome.excluded) == 3  # rounds with 0, 1, 3 nodes in float
+    assert [c for _, _, c in log] == [[], [], []]  # nothing compiled while quantizing
+    outcome.attempt.release()
+    assert not compiled and outcome.attempt.run({})[0] == 3 and compiled == {3}  # compiled again on demand
