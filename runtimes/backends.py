@@ -147,6 +147,18 @@ class _Compiled:
             self.idle.put(request)
 
 
+_BF16 = {}
+
+
+def openvino_runs_bf16(device: str = "CPU") -> bool:
+    """Whether OpenVINO's plugin has native bf16 here (AVX512-BF16, AMX, ...): without it the bf16 hint
+    silently runs f32, so "bf16" and "int8-bf16" are not distinct precisions on this machine."""
+    if device not in _BF16:
+        ov = _require("openvino", "openvino", "openvino")
+        _BF16[device] = "BF16" in {c.upper() for c in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")}
+    return _BF16[device]
+
+
 class OpenVinoGraph:
     """OpenVINO compiled model. ``hint`` is INFERENCE_PRECISION_HINT: f32 for exact parity; bf16 is
     this CPU's fast default and must be asked for explicitly here. A dynamic IR is compiled per input
@@ -170,6 +182,12 @@ class OpenVinoGraph:
         self.input_shapes = {p.get_any_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
                              for p in model.inputs}
         self.provider = f"openvino:{self.device}:{hint}"
+        if hint == "bf16" and not openvino_runs_bf16(self.device):
+            import warnings
+
+            warnings.warn(f"{path.name}: bf16 asked for, but this {self.device} has no native bf16: OpenVINO runs it in f32 "
+                          "(the same as precision fp32 / int8 here)", stacklevel=2)
+            self.provider = f"openvino:{self.device}:f32 (bf16 asked; no native bf16)"
 
     def compiled_for(self, feeds: dict[str, np.ndarray]) -> _Compiled:
         """The compiled model for these feeds' shapes (compiled on first sight of the shapes)."""

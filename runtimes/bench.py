@@ -27,19 +27,11 @@ import numpy as np
 
 from dcae_edge.timing import time_calls
 
-from .precision import mark_auto, openvino_hint, openvino_precisions
+from .precision import cpu_isa, cpu_model, mark_auto, openvino_hint, openvino_precisions
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
+    return {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
             "python": platform.python_version()}
 
 
@@ -246,11 +238,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--cache", default=".cache/bench", type=Path)
     args = ap.parse_args(argv)
+    from .backends import openvino_runs_bf16
     from .pipeline import read_manifest
 
     manifest = read_manifest(args.bundle)
     configs = []
+    skip_bf16 = any(b == "openvino" for _, b, _, _ in bundle_configs(args.bundle, manifest)) and not openvino_runs_bf16()
+    if skip_bf16:
+        print(f"no native bf16 on this CPU ({cpu_isa()}): OpenVINO's bf16 and int8-bf16 would run f32; not timed", flush=True)
     for graph, backend, prec, path in bundle_configs(args.bundle, manifest):
+        if skip_bf16 and backend == "openvino" and openvino_hint(prec) == "bf16":
+            continue
         for batch in (1, 2) if graph != "transformer" else (2, 4):
             static = not manifest.get("dynamic", True)
             if static and batch != (2 if graph == "transformer" else 1):
@@ -272,7 +270,7 @@ def main(argv=None) -> int:
         for name, path in baseline_models(manifest, args.cache).items():
             batch = 2 if name == "dit f8p2" else 1
             runs = max(2, args.runs // 3) if "vae" in name else args.runs
-            for backend, prec in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
+            for backend, prec in (("onnxruntime", "fp32"), ("openvino", "fp32")) + ((("openvino", "bf16"),) if not skip_bf16 else ()):
                 r = {"graph": name, "backend": backend, "precision": prec, "batch": batch, "baseline": True,
                      **time_config(backend, str(path), prec, baseline_feeds(name, manifest["resolution"], batch, path),
                                    runs, 1, args.threads)}
@@ -283,7 +281,7 @@ def main(argv=None) -> int:
     mark_auto(rows, manifest, "p50_ms")
     e2e = end_to_end(rows, args.steps)
     report = {"bundle": str(args.bundle), "resolution": manifest["resolution"], "machine": machine(),
-              "threads": args.threads, "runs": args.runs, "rounds": args.rounds, "rows": rows, "end_to_end": e2e,
+              "threads": args.threads, "bf16_not_timed": skip_bf16, "runs": args.runs, "rounds": args.rounds, "rows": rows, "end_to_end": e2e,
               "command": "python -m runtimes.bench " + " ".join(argv or __import__("sys").argv[1:])}
     out = Path(args.out or args.bundle / "bench")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -314,10 +312,12 @@ def end_to_end(rows: list[dict], steps: int) -> list[dict]:
 
 def to_markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Benchmark of `{report['bundle']}` at {report['resolution']}px on {m['cpu']} ({m['cores']} cores, "
+    lines = [f"Benchmark of `{report['bundle']}` at {report['resolution']}px on {m['cpu']} ({m.get('isa', 'ISA not recorded')}; {m['cores']} cores, "
              f"{report['threads']} threads pinned), {m['system']}. {report['runs']} timed runs after warm-up "
              f"in each of {report.get('rounds', 1)} rounds that take turns (medians of the rounds; the baselines one round); "
              "each configuration in its own process.", "", f"Command: `{report['command']}`", "",
+             *(["This CPU has no native bf16: OpenVINO would run its bf16 precisions (bf16, int8-bf16) in f32, so they "
+                "are not timed and auto chooses among the others.", ""] if report.get("bf16_not_timed") else []),
              "Peak RSS is each configuration's own process; the runtime alone (interpreter, numpy, the runtime "
              "library) is the base, so model + activations = peak - base. Load s = building the session. **auto** marks "
              "what `precision=\"auto\"` picks per graph and backend on this CPU (the fastest artifact that passed its "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from dcae_edge.files import sha256_file
 
 from .backends import (ARTIFACT_PREFIX, BACKENDS, CoreMLGraph, ExecuTorchGraph, OpenVinoGraph, OrtGraph, RuntimeUnavailable,
                        TorchGraph)
-from .precision import OPENVINO_ONLY, openvino_artifacts, openvino_hint
+from .precision import OPENVINO_ONLY, int8_saturation_risk, openvino_artifacts, openvino_hint
 from .images import as_model_input
 from .safety import UnsafeBundle, check_manifest_paths, check_onnx_external_data
 from .tiling import tiled_apply
@@ -202,6 +203,9 @@ class Pipeline:
                         check_onnx_external_data(self.path, files[0], self.manifest)
                     except UnsafeBundle as e:
                         raise BundleError(str(e)) from None
+                risk = int8_saturation_risk(self.manifest, graph, self.backend) if key.endswith("/int8") and self.device == "cpu" else None
+                if risk:  # asked for by name (auto never picks it here): run it, but say what it costs
+                    warnings.warn(risk, stacklevel=3)
                 if self.backend == "onnxruntime":
                     runner = OrtGraph(main, self.device, self.threads, self.providers)
                 elif self.backend == "executorch":

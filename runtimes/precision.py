@@ -71,6 +71,72 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo), else numpy's view of them; None if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        return None
+    names = {"AVX2": "avx2", "AVX512VNNI": "avx512_vnni", "AVX512F": "avx512f"}
+    return {names[k] for k, on in features.items() if on and k in names}
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+ISA_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
+             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """What decides the fastest precision here, in words: e.g. "AVX2; no AVX-512, VNNI, bf16 or AMX"."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return "ISA unknown"
+    have = [name for flag, name in ISA_NAMES.items() if flag in flags]
+    lacks = [name for name, present in (("AVX-512", "avx512f" in flags), ("VNNI", bool(flags & VNNI_FLAGS)),
+                                        ("bf16", bool(flags & {"avx512_bf16", "amx_bf16"})), ("AMX", "amx_tile" in flags))
+             if not present]
+    return ", ".join(have or ["no AVX2"]) + ("; no " + ", ".join(lacks[:-1]) + (" or " if len(lacks) > 1 else "") + lacks[-1]
+                                             if lacks else "")
+
+
+INT8_SOURCES = {"onnxruntime": "onnx/int8", "openvino": "openvino/int8"}  # the calibrated graph each backend's int8 runs
+
+
+def int8_saturation_risk(manifest: dict, graph: str, backend: str = "onnxruntime", flags: set[str] | None = None,
+                         machine: str | None = None) -> str | None:
+    """Why the bundle's INT8 graph for ``backend`` may compute wrong values on this CPU, or None: full 8-bit
+    weights on an x86 CPU without VNNI, whose u8 x s8 kernels add two products in 16 bits and saturate.
+    Calibration writes 7-bit weights since 2026-12-03 (``weight_bits`` in the artifact's settings); older
+    bundles hold 8-bit ones (NNCF's default overflow fix covered only the first layer)."""
+    art = manifest["graphs"].get(graph, {}).get("artifacts", {}).get(INT8_SOURCES.get(backend, ""))
+    if art is None or int((art.get("settings") or {}).get("weight_bits", 8)) <= 7:
+        return None
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is not None and flags & VNNI_FLAGS:
+        return None
+    return (f"{graph}'s {backend} INT8 graph has full 8-bit weights and this CPU ({cpu_model()}) has no VNNI: its u8 x s8 "
+            "kernels saturate there (an ONNX Runtime encoder calibrated on a VNNI CPU reached cosine 0.965 vs fp32 on an "
+            f"AVX2 one); re-calibrate with this version (7-bit weights): python -m calibration --bundle <bundle> --backend {backend}")
+
+
+def _openvino_bf16() -> bool:
+    from .backends import RuntimeUnavailable, openvino_runs_bf16
+
+    try:
+        return openvino_runs_bf16()
+    except RuntimeUnavailable:  # no OpenVINO here: nothing of it is loaded anyway
+        return True
+
+
 def gated(manifest: dict, graph: str, backend: str, fmt: str = "onnx") -> list[str]:
     """Precisions whose artifact exists and passed its check (export validation or INT8 gate)."""
     arts = manifest["graphs"].get(graph, {}).get("artifacts", {})
@@ -81,6 +147,10 @@ def gated(manifest: dict, graph: str, backend: str, fmt: str = "onnx") -> list[s
             key = f"{fmt}/{precision}"
         if key is None or key not in arts:
             continue
+        if precision.startswith("int8") and int8_saturation_risk(manifest, graph, backend):
+            continue  # its gate was measured on a CPU that does not saturate; this one does
+        if backend == "openvino" and openvino_hint(precision) == "bf16" and not _openvino_bf16():
+            continue  # no native bf16 here: the plugin would run the f32 precision again under another name
         art = arts[key]
         if precision == "int8-bf16":  # the INT8 gate with f32 remainder, and again with bf16 (calibration runs both)
             bf16 = art.get("validation_bf16")
@@ -187,6 +257,9 @@ def recorded_timings(manifest: dict, graph: str, backend: str) -> dict[str, floa
 def resolve(manifest: dict, graph: str, backend: str, fmt: str, threads: int | None, pipe_factory,
             verbose: bool = True) -> tuple[str, str]:
     allowed = gated(manifest, graph, backend, fmt)
+    risk = int8_saturation_risk(manifest, graph, backend)
+    if risk and verbose:
+        print(f"precision auto: not int8: {risk}", flush=True)
     if len(allowed) <= 1:
         p = allowed[0] if allowed else "fp32"
         return p, f"{p} (the only gated {backend} artifact)"

@@ -101,6 +101,7 @@ def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
     # (--no-latency-aware: on these tiny graphs fp32 wins most convolutions, and this test is about the QDQ graph)
     assert calibrate(copy, "onnxruntime", data_dir, "--encoder-min-cosine", "0.993", "--no-latency-aware") == 0
     import onnx
+    import onnx.numpy_helper
 
     m = manifest(copy)
     for graph in ("vae_encoder", "vae_decoder", "transformer"):
@@ -114,6 +115,8 @@ def test_onnxruntime_int8_qdq_graphs_and_report(copy, data_dir):
         assert art["counts"]["qdq_pairs"] == pairs and art["gate"]["pass"]
         assert art["calibration_set"]["hash"].startswith("sha256:") and art["calibration_set"]["size"] >= 3
         assert art["settings"]["activations"] == "QUInt8"
+        # 7-bit weights: ORT's U8S8 kernels cannot saturate on CPUs without VNNI (255 * 64 * 2 < 2**15)
+        assert art["settings"]["weight_bits"] == 7 and max(abs(onnx.numpy_helper.to_array(i)).max() for i in int8) <= 64
     enc = m["graphs"]["vae_encoder"]["artifacts"]["onnx/int8"]
     assert enc["gate"]["value"] >= 0.993 and enc["excluded_nodes"], "the sensitivity step kept nothing in float"
     assert all("SQNR" in e["reason"] for e in enc["excluded_nodes"])

@@ -12,6 +12,13 @@ from conftest import make_model, tiny_edge_f64
 from runtimes import precision as P
 
 
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch):
+    """These tests pick between injected timings: the CPU running them need not have bf16 (AVX2 machines
+    have none, and auto then leaves OpenVINO's bf16 precisions out; tested on its own below)."""
+    monkeypatch.setattr(P, "_openvino_bf16", lambda: True)
+
+
 def manifest_with(gates: dict[str, bool], backend: str = "onnxruntime") -> dict:
     arts = {}
     for prec, ok in gates.items():
@@ -20,7 +27,37 @@ def manifest_with(gates: dict[str, bool], backend: str = "onnxruntime") -> dict:
             arts.setdefault(key, {"validation": {"pass": True}})["validation_bf16"] = {"pass": ok}
         else:
             arts[key] = {"validation": {"pass": ok}}
+    for key in set(P.INT8_SOURCES.values()) & set(arts):
+        arts[key]["settings"] = {"weight_bits": 7}  # as calibration writes them (no saturation anywhere)
     return {"graphs": {"vae_decoder": {"artifacts": arts}}}
+
+
+def test_full_range_int8_is_not_picked_where_it_saturates(monkeypatch, capsys):
+    """An INT8 graph with 8-bit weights (older bundles) is left out on an x86 CPU without VNNI, whose u8 x s8
+    kernels saturate; kept with VNNI, on ARM, and with the 7-bit weights calibration writes now."""
+    m = manifest_with({"fp32": True, "int8": True})
+    old = json.loads(json.dumps(m))
+    old["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]["settings"] = {"weights": "QInt8 per-channel"}
+    avx2, vnni = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}
+    risk = lambda manifest, flags, machine="x86_64": P.int8_saturation_risk(manifest, "vae_decoder", "onnxruntime", flags, machine)  # noqa: E731
+    assert "no VNNI" in risk(old, avx2)
+    assert risk(old, vnni) is None and risk(old, {"avx_vnni", "avx2"}) is None  # Alder Lake and later: AVX-VNNI
+    assert risk(old, set(), "aarch64") is None and risk(m, avx2) is None
+
+    monkeypatch.setattr(P, "cpu_flags", lambda: avx2)
+    monkeypatch.setattr(P.platform, "machine", lambda: "x86_64")
+    assert P.gated(old, "vae_decoder", "onnxruntime") == ["fp32"]
+    assert P.gated(m, "vae_decoder", "onnxruntime") == ["fp32", "int8"]
+    assert P.resolve(old, "vae_decoder", "onnxruntime", "onnx", 2, None)[0] == "fp32"
+    assert "not int8" in capsys.readouterr().out
+    monkeypatch.setattr(P, "cpu_flags", lambda: vnni)
+    assert P.gated(old, "vae_decoder", "onnxruntime") == ["fp32", "int8"]
+    ov = manifest_with({"fp32": True, "int8": True}, "openvino")
+    ov["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]["settings"] = {}  # NNCF before 2026-12-03: not recorded
+    monkeypatch.setattr(P, "cpu_flags", lambda: avx2)
+    assert P.gated(ov, "vae_decoder", "openvino") == ["fp32"]
+    ov["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]["settings"] = {"weight_bits": 7}
+    assert P.gated(ov, "vae_decoder", "openvino") == ["fp32", "int8"]
 
 
 def test_fastest_gated_artifact_is_picked_from_injected_timings():
@@ -46,7 +83,7 @@ def test_int8_with_bf16_remainder_needs_both_gates():
     """OpenVINO "int8-bf16" (the INT8 IR run with the bf16 hint) is a candidate only when the INT8
     gate passed and calibration's second run of it, with the float remainder in bf16, passed too."""
     def ov(int8_ok, bf16_check):
-        art = {"validation": {"pass": int8_ok}}
+        art = {"validation": {"pass": int8_ok}, "settings": {"weight_bits": 7}}
         if bf16_check is not None:
             art["validation_bf16"] = bf16_check
         return {"graphs": {"vae_decoder": {"artifacts": {"openvino/fp32": {"validation": {"pass": True},
@@ -151,3 +188,33 @@ def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, m
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
     assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == other
     assert open_bundle(tmp_path / "b", precision="fp32").precision_of("vae_decoder") == "fp32"  # forcing still works
+
+
+def test_benchmark_verdict_reads_int8_against_f32_where_the_cpu_has_no_bf16():
+    """On a CPU without native bf16 (AVX2) the bf16 rows are skipped with the reason, and INT8 is judged
+    against the fastest f32 decoder; with bf16 rows, against OpenVINO bf16 as before."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_int8", Path(__file__).parents[1] / "scripts" / "bench_int8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda b, p, ms: {"graph": "vae_decoder", "backend": b, "precision": p, "median_ms": ms}  # noqa: E731
+    manifest = {"calibration": {"openvino": {"gates": {"end_to_end": {"value": 0.1}}}}}
+    avx2 = [row("onnxruntime", "fp32", 177.0), row("openvino", "f32", 160.0), row("openvino", "int8 (+f32)", 94.0),
+            {"graph": "vae_decoder", "backend": "openvino", "precision": "bf16", "skipped": bench.NO_BF16}]
+    lines = bench.verdict(avx2, manifest, 1.5, 0.3)
+    assert "no native bf16" in lines[0] and "vs openvino f32 160.0 ms: 1.70x" in lines[1] and lines[2] == "Target met."
+    bf16 = avx2[:3] + [row("openvino", "bf16", 120.0)]
+    lines = bench.verdict(bf16, manifest, 1.5, 0.3)
+    assert "vs openvino bf16 120.0 ms: 1.28x" in lines[0] and lines[1].startswith("Target missed: INT8 is 1.28x bf16")
+
+
+def test_bf16_precisions_are_not_candidates_without_native_bf16(monkeypatch):
+    """Without native bf16 OpenVINO runs the bf16 hint in f32: bf16 and int8-bf16 would be fp32 and int8
+    timed twice under other names, so auto leaves them out."""
+    m = manifest_with({"fp32": True, "bf16": True, "int8": True}, "openvino")
+    m["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]["validation_bf16"] = {"pass": True}
+    assert P.gated(m, "vae_decoder", "openvino") == ["fp32", "bf16", "int8", "int8-bf16"]
+    monkeypatch.setattr(P, "_openvino_bf16", lambda: False)
+    assert P.gated(m, "vae_decoder", "openvino") == ["fp32", "int8"]
