@@ -199,6 +199,8 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
     arts = manifest["graphs"][graph]["artifacts"]
     core, rows = ov.Core(), []
     for precision, key, runtime_precision in openvino_configs(core, arts):
+        if key is None:  # a bf16 precision on a CPU without bf16
+            continue
         hint = openvino_hint(runtime_precision)
         model = core.read_model(str(bundle / arts[key]["files"][0]))
         # export.graph_forms' shortcut convolutions copy or average channels: layout work, which INT8 never takes
