@@ -3,7 +3,7 @@ gate, measured on *this* CPU (the best choice differs: bf16 wins on AMX Xeons, I
 VNNI EPYCs, and it differs per model width).
 
 The probe runs each gated candidate a few times on inputs of the bundle's shape; the result is
-cached per CPU model and bundle (``~/.cache/dcae-edge/precision/``), so it happens once. Results
+cached per CPU model, ISA and bundle (``~/.cache/dcae-edge/precision/``), so it happens once. Results
 recorded in the bundle by ``scripts/bench_int8.py`` for this same CPU are used instead when present.
 """
 from __future__ import annotations
@@ -128,6 +128,12 @@ def int8_saturation_risk(manifest: dict, graph: str, backend: str = "onnxruntime
             f"AVX2 one); re-calibrate with this version (7-bit weights): python -m calibration --bundle <bundle> --backend {backend}")
 
 
+def cpu_key() -> str:
+    """Which CPU timings belong to: the model name and the ISA (a VM may name an AVX2 Zen 3 and an AVX-512
+    Zen 4 both "AMD EPYC", and the fastest precision differs between them)."""
+    return f"{cpu_model()} [{cpu_isa()}]"
+
+
 def _openvino_bf16() -> bool:
     from .backends import RuntimeUnavailable, openvino_runs_bf16
 
@@ -209,7 +215,7 @@ def mark_auto(rows: list[dict], manifest: dict, ms_key: str = "median_ms") -> di
 def cache_path(manifest: dict, backend: str, fmt: str, threads: int | None) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcae-edge" / "precision"
     files = json.dumps(manifest.get("files", {}), sort_keys=True)
-    key = hashlib.sha256(f"{cpu_model()}|{backend}|{fmt}|{threads}|{files}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{cpu_key()}|{backend}|{fmt}|{threads}|{files}".encode()).hexdigest()[:20]
     return base / f"{key}.json"
 
 
@@ -249,8 +255,8 @@ def probe(pipe_factory, manifest: dict, graph: str, precisions: list[str], runs:
 
 
 def recorded_timings(manifest: dict, graph: str, backend: str) -> dict[str, float] | None:
-    """Timings stored in the bundle by scripts/bench_int8.py, when made on this CPU model."""
-    rec = (manifest.get("benchmarks") or {}).get(cpu_model(), {}).get(backend, {}).get(graph)
+    """Timings stored in the bundle by scripts/bench_int8.py, when made on this CPU model and ISA (cpu_key)."""
+    rec = (manifest.get("benchmarks") or {}).get(cpu_key(), {}).get(backend, {}).get(graph)
     return {p: float(v) for p, v in rec.items()} if rec else None
 
 
@@ -285,5 +291,5 @@ def resolve(manifest: dict, graph: str, backend: str, fmt: str, threads: int | N
             source = "probe on this CPU"
     precision, why = choose(timings, allowed)
     if verbose:
-        print(f"precision auto: {graph} -> {backend} {why}; {source} ({cpu_model()})", flush=True)
+        print(f"precision auto: {graph} -> {backend} {why}; {source} ({cpu_key()})", flush=True)
     return precision, why

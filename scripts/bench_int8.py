@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
-from runtimes.precision import OPENVINO_PRECISIONS, cpu_isa, cpu_model, mark_auto, openvino_artifacts, openvino_hint  # noqa: E402
+from runtimes.precision import OPENVINO_PRECISIONS, cpu_isa, cpu_key, cpu_model, mark_auto, openvino_artifacts, openvino_hint  # noqa: E402
 
 THREADS = 2
 # measured on this kind of machine for the paper-size f64c128 decoder at 512px (docs / issue)
@@ -270,12 +270,12 @@ def verdict(rows: list[dict], manifest: dict, target: float, max_loss: float, br
 
 
 def store_timings(bundle: Path, timings: dict) -> None:
-    """Keep these timings in the bundle for this CPU model: precision="auto" then needs no probe here."""
+    """Keep these timings in the bundle for this CPU model and ISA: precision="auto" then needs no probe here."""
     from export.bundle import bundle_transaction, read_manifest, write_manifest
 
     with bundle_transaction(bundle) as stage:
         m = read_manifest(stage)
-        m.setdefault("benchmarks", {})[cpu_model()] = timings
+        m.setdefault("benchmarks", {})[cpu_key()] = timings
         write_manifest(m, stage)
 
 

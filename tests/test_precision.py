@@ -184,7 +184,7 @@ def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, m
     # timings stored in the bundle for this CPU win over any probe
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     other = "fp16" if picked == "fp32" else "fp32"
-    m["benchmarks"] = {P.cpu_model(): {"onnxruntime": {"vae_decoder": {picked: 9.0, other: 1.0}}}}
+    m["benchmarks"] = {P.cpu_key(): {"onnxruntime": {"vae_decoder": {picked: 9.0, other: 1.0}}}}
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
     assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == other
     assert open_bundle(tmp_path / "b", precision="fp32").precision_of("vae_decoder") == "fp32"  # forcing still works
