@@ -29,6 +29,8 @@ from pathlib import Path
 from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from export.common import summarize
 
+from runtimes.precision import cpu_key
+
 from . import CalibrationError, GateFailed
 from .data import GRAPH_ORDER, FeedSet, SetOptions, batched, build_sets, graph_sizes
 from .quality import Gates, describe_e2e, describe_gate, e2e_gate, graph_gate, run_set
@@ -254,7 +256,7 @@ def commit(args, backend, results: dict[str, Outcome], calib, held, e2e, images,
                             artifact_info(backend, graph, outcome, calib[graph], held[graph]))
         summary = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": backend.key,
                    "graphs": list(results), "gates": {**{g: o.gate for g, o in results.items()}, "end_to_end": e2e},
-                   "thresholds": vars(gates), "settings": backend.settings(),
+                   "thresholds": vars(gates), "settings": backend.settings(), "cpu": cpu_key(),
                    **({"graphs_left_out": skipped} if skipped else {}),
                    "versions": package_versions("onnxruntime", "openvino", "nncf", "coremltools", "numpy")}
         summary["report"] = write_reports(stage, backend, results, calib, held, summary, images)

@@ -14,6 +14,7 @@
   without VNNI (AVX2, early AVX-512) add pairs of u8 x s8 products in 16 bits and saturate with full 8-bit
   weights. On an AVX2 EPYC (Zen 3) the tiny test encoder's INT8 graph missed its gate (cosine 0.93) with the
   first layer fixed and passed with all of them; the gate measured on any CPU then holds on every CPU.
+  (Depthwise convolutions keep 8-bit weights: NNCF leaves them out, they add no pairs of products.)
 
 The IR is saved without fp16 compression, so NNCF's quantized weights are stored as int8
 constants (a quarter of the fp32 .bin). Gates run the INT8 IR with INFERENCE_PRECISION_HINT=f32,

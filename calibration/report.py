@@ -34,6 +34,9 @@ def _details(backend, results, calib, held) -> dict:
 def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
     lines = [f"# INT8 calibration: {backend.name}", "",
              f"Artifact `{backend.key}`; settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items()), "",
+             f"Calibrated on {summary.get('cpu', 'a CPU not recorded')}: what the latency pass kept in float is this CPU's "
+             "choice" + ("; the gates hold on any CPU (7-bit weights cannot saturate)." if summary["settings"].get("weight_bits") == 7
+                         else "."), "",
              "## Gates (held-out data, INT8 vs the same backend's fp32)", "",
              "| graph | metric | value | threshold | pass |", "|---|---|---|---|---|"]
     for g, d in details.items():

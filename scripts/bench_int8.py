@@ -147,10 +147,10 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
     """Every configuration of one graph is loaded (cold time apart) and warmed up first; then they take
     turns, --rounds rounds of repeats/rounds runs each, so that a noisy neighbour or a clock change on a
     shared machine hits all of them alike instead of whichever ran at the time."""
-    rows, reference, loaded = [], {}, []
+    rows, reference, loaded, skipped = [], {}, [], []
     for backend, precision, make in configs(manifest, bundle, graph):
         if isinstance(make, str):
-            rows.append({"graph": graph, "backend": backend, "precision": precision, "skipped": make})
+            skipped.append({"graph": graph, "backend": backend, "precision": precision, "skipped": make})
             continue
         t = time.perf_counter()
         run = make()
@@ -167,7 +167,7 @@ def bench_graph(manifest: dict, bundle: Path, graph: str, feeds: dict, args) -> 
                      "psnr_vs_fp32": round(m["psnr"], 2), "cosine_vs_fp32": round(m["cosine"], 6)})
         print(f"  {graph:12s} {backend:12s} {precision:13s} median {r['median_ms']:9.2f} ms  "
               f"(p90 {r['p90_ms']:.2f}, cold {r['cold_ms']:.0f})  PSNR vs fp32 {m['psnr']:.1f} dB", flush=True)
-    return rows
+    return rows + skipped  # what could not run here after what did
 
 
 # kinds of CPU-plugin nodes (performance-counter node types) for the breakdown; shortcut convolutions are layout
