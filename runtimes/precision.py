@@ -75,7 +75,7 @@ def cpu_flags() -> set[str] | None:
     """The CPU's feature flags as Linux names them (/proc/cpuinfo), else numpy's view of them; None if unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):  # x86 / ARM
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
@@ -97,6 +97,10 @@ def cpu_isa(flags: set[str] | None = None) -> str:
     flags = cpu_flags() if flags is None else flags
     if flags is None:
         return "ISA unknown"
+    if not flags & {"sse2", "avx2"}:  # not x86: name the ARM features INT8 and bf16 kernels use
+        arm = [name for flag, name in (("asimddp", "dot product"), ("i8mm", "i8mm"), ("bf16", "bf16"), ("sve", "SVE"))
+               if flag in flags]
+        return f"{platform.machine()}" + (f": {', '.join(arm)}" if arm else "")
     have = [name for flag, name in ISA_NAMES.items() if flag in flags]
     lacks = [name for name, present in (("AVX-512", "avx512f" in flags), ("VNNI", bool(flags & VNNI_FLAGS)),
                                         ("bf16", bool(flags & {"avx512_bf16", "amx_bf16"})), ("AMX", "amx_tile" in flags))

@@ -43,6 +43,10 @@ def test_full_range_int8_is_not_picked_where_it_saturates(monkeypatch, capsys):
     assert "no VNNI" in risk(old, avx2)
     assert risk(old, vnni) is None and risk(old, {"avx_vnni", "avx2"}) is None  # Alder Lake and later: AVX-VNNI
     assert risk(old, set(), "aarch64") is None and risk(m, avx2) is None
+    # the benchmarks and calibration reports name the ISA next to every number
+    assert P.cpu_isa(avx2 | {"sse2"}) == "AVX2; no AVX-512, VNNI, bf16 or AMX"
+    assert P.cpu_isa(vnni | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}) == "AVX2, AVX-512, AVX512-VNNI, AVX512-BF16, AMX"
+    assert "dot product" in P.cpu_isa({"fp", "asimd", "asimddp"})
 
     monkeypatch.setattr(P, "cpu_flags", lambda: avx2)
     monkeypatch.setattr(P.platform, "machine", lambda: "x86_64")
