@@ -243,10 +243,11 @@ def main(argv=None) -> int:
 
     manifest = read_manifest(args.bundle)
     configs = []
-    skip_bf16 = any(b == "openvino" for _, b, _, _ in bundle_configs(args.bundle, manifest)) and not openvino_runs_bf16()
+    artifacts = bundle_configs(args.bundle, manifest)
+    skip_bf16 = any(b == "openvino" for _, b, _, _ in artifacts) and not openvino_runs_bf16()
     if skip_bf16:
         print(f"no native bf16 on this CPU ({cpu_isa()}): OpenVINO's bf16 and int8-bf16 would run f32; not timed", flush=True)
-    for graph, backend, prec, path in bundle_configs(args.bundle, manifest):
+    for graph, backend, prec, path in artifacts:
         if skip_bf16 and backend == "openvino" and openvino_hint(prec) == "bf16":
             continue
         for batch in (1, 2) if graph != "transformer" else (2, 4):

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
+from runtimes.backends import openvino_runs_bf16  # noqa: E402
 from runtimes.precision import OPENVINO_PRECISIONS, cpu_isa, cpu_key, cpu_model, mark_auto, openvino_artifacts, openvino_hint  # noqa: E402
 
 THREADS = 2
@@ -105,11 +106,11 @@ OPENVINO_LABELS = {"fp32": "f32", "bf16": "bf16", "int8": "int8 (+f32)", "int8-b
 NO_BF16 = "this CPU has no native bf16: OpenVINO runs the bf16 hint as f32"
 
 
-def openvino_configs(core, arts: dict) -> list[tuple[str, str | None, str]]:
+def openvino_configs(arts: dict) -> list[tuple[str, str | None, str]]:
     """(label, artifact key, runtime precision) for every OpenVINO precision (runtimes.precision's table: which
     IR it loads, at which INFERENCE_PRECISION_HINT) that this graph's artifacts allow; the bf16 ones get no key
     where the CPU has no bf16 (a skipped row, so the report says why they are missing)."""
-    bf16 = "BF16" in {c.upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    bf16 = openvino_runs_bf16()
     out = []
     for precision in OPENVINO_PRECISIONS:
         key = next((k for k in openvino_artifacts(precision) if k in arts), None)
@@ -128,11 +129,8 @@ def configs(manifest: dict, bundle: Path, graph: str) -> list[tuple[str, str, ob
     if "onnx/int8" in arts:
         out.append(("onnxruntime", "int8", runner_factory("onnxruntime", path("onnx/int8"))))
     if any(k.startswith("openvino/") for k in arts):
-        import openvino as ov
-
-        core = ov.Core()
         out += [("openvino", label, runner_factory("openvino", path(key), precision) if key else NO_BF16)
-                for label, key, precision in openvino_configs(core, arts)]
+                for label, key, precision in openvino_configs(arts)]
     for key in (k for k in arts if k.startswith("coreml/")):
         out.append(("coreml", key.split("/")[1], "Core ML runs on macOS only"))
     return out
@@ -198,7 +196,7 @@ def breakdown(manifest: dict, bundle: Path, graph: str, feeds: dict, runs: int =
 
     arts = manifest["graphs"][graph]["artifacts"]
     core, rows = ov.Core(), []
-    for precision, key, runtime_precision in openvino_configs(core, arts):
+    for precision, key, runtime_precision in openvino_configs(arts):
         if key is None:  # a bf16 precision on a CPU without bf16
             continue
         hint = openvino_hint(runtime_precision)

@@ -31,14 +31,9 @@ RELEASE = {"f64": "dc-ae-f64c128-in-1.0-uvit-h-in-512px", "f32": "dc-ae-f32c32-i
 
 def cpu_name() -> str:
     """The CPU model with the ISA extensions that decide the fastest precision."""
-    from runtimes.precision import cpu_model
+    from runtimes.precision import cpu_isa, cpu_model
 
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return cpu_model()
-    isa = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f") if f" {f}" in flags]
-    return f"{cpu_model()} ({', '.join(isa)})"
+    return f"{cpu_model()} ({cpu_isa()})"
 
 
 def write_random_release(folder: Path, latents: str) -> Path:
