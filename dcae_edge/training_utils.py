@@ -13,20 +13,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .cpu import has_fast_bf16
+
 
 # ---------------------------------------------------------------------------------------------- devices
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
@@ -37,7 +31,7 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if has_fast_bf16() else None
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -8,7 +8,6 @@ recorded in the bundle by ``scripts/bench_int8.py`` for this same CPU are used i
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from dcae_edge.cpu import VNNI_FLAGS, cpu_flags, cpu_isa, cpu_key, cpu_model  # noqa: F401 - re-exported
 
 # OpenVINO's runtime precisions are (IR, INFERENCE_PRECISION_HINT) pairs: which IR files each reads (in order
 # of preference), the hint it compiles them with, and whose quality gates judge it (the INT8 IR is judged by
@@ -62,59 +63,6 @@ GATE_KEYS = {"onnxruntime": {"fp32": "onnx/fp32", "fp16": "onnx/fp16", "int8": "
 OPENVINO_ONLY = tuple(p for p in CANDIDATES["openvino"] if not any(p in c for b, c in CANDIDATES.items() if b != "openvino"))
 
 
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, ...]:
-    """/proc/cpuinfo's lines, read once (empty where there is none: macOS, Windows)."""
-    try:
-        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
-    except OSError:
-        return ()
-
-
-def _cpuinfo_value(*keys: str) -> str | None:
-    """The value of the first /proc/cpuinfo line that starts with one of ``keys``."""
-    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith(keys)), None)
-
-
-def cpu_model() -> str:
-    return _cpuinfo_value("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags as Linux names them (/proc/cpuinfo), else numpy's view of them; None if unknown."""
-    flags = _cpuinfo_value("flags", "Features")  # x86 / ARM
-    if flags is not None:
-        return set(flags.split())
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:
-        return None
-    names = {"AVX2": "avx2", "AVX512VNNI": "avx512_vnni", "AVX512F": "avx512f"}
-    return {names[k] for k, on in features.items() if on and k in names}
-
-
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
-ISA_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
-             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
-
-
-def cpu_isa(flags: set[str] | None = None) -> str:
-    """What decides the fastest precision here, in words: e.g. "AVX2; no AVX-512, VNNI, bf16 or AMX"."""
-    flags = cpu_flags() if flags is None else flags
-    if flags is None:
-        return "ISA unknown"
-    if not flags & {"sse2", "avx2"}:  # not x86: name the ARM features INT8 and bf16 kernels use
-        arm = [name for flag, name in (("asimddp", "dot product"), ("i8mm", "i8mm"), ("bf16", "bf16"), ("sve", "SVE"))
-               if flag in flags]
-        return f"{platform.machine()}" + (f": {', '.join(arm)}" if arm else "")
-    have = [name for flag, name in ISA_NAMES.items() if flag in flags]
-    lacks = [name for name, present in (("AVX-512", "avx512f" in flags), ("VNNI", bool(flags & VNNI_FLAGS)),
-                                        ("bf16", bool(flags & {"avx512_bf16", "amx_bf16"})), ("AMX", "amx_tile" in flags))
-             if not present]
-    return ", ".join(have or ["no AVX2"]) + ("; no " + ", ".join(lacks[:-1]) + (" or " if len(lacks) > 1 else "") + lacks[-1]
-                                             if lacks else "")
-
-
 # the calibrated graph each backend's int8 runs (ExecuTorch's XNNPACK kernels widen to 16 bits before adding: no risk)
 INT8_SOURCES = {b: GATE_KEYS[b]["int8"] for b in ("onnxruntime", "openvino")}
 
@@ -137,12 +85,6 @@ def int8_saturation_risk(manifest: dict, graph: str, backend: str = "onnxruntime
     return (f"{graph}'s {backend} INT8 graph has full 8-bit weights and this CPU ({cpu_model()}) has no VNNI: its u8 x s8 "
             "kernels saturate there (an ONNX Runtime encoder calibrated on a VNNI CPU reached cosine 0.965 vs fp32 on an "
             f"AVX2 one); re-calibrate with this version (7-bit weights): python -m calibration --bundle <bundle> --backend {backend}")
-
-
-def cpu_key() -> str:
-    """Which CPU timings belong to: the model name and the ISA (a VM may name an AVX2 Zen 3 and an AVX-512
-    Zen 4 both "AMD EPYC", and the fastest precision differs between them)."""
-    return f"{cpu_model()} [{cpu_isa()}]"
 
 
 def _openvino_bf16() -> bool:
