@@ -13,7 +13,8 @@ fp32 and INT8 reconstructions).
 
 Per graph: build the calibration and held-out sets (calibration/data.py), quantize everything
 quantizable, check the gate on held-out data; while it fails, keep the most damaging nodes in
-float (calibration/sensitivity.py) for at most --max-rounds rounds. Then the end-to-end gate.
+float (calibration/sensitivity.py) for at most --max-rounds rounds; if that fails, score each node alone in float
+at the graph's output and run the rounds again in that order (--measure-minutes). Then the end-to-end gate.
 Any failure exits non-zero (1: a gate, 2: bad input) and leaves the bundle byte-identical.
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ from runtimes.precision import cpu_key
 
 from . import CalibrationError, GateFailed
 from .data import GRAPH_ORDER, FeedSet, SetOptions, batched, build_sets, graph_sizes
-from .quality import Gates, describe_e2e, describe_gate, e2e_gate, graph_gate, run_set
-from .sensitivity import Outcome, failure_message, keep_float_until_gate, rank_feeds
+from .quality import Gates, describe_e2e, describe_gate, e2e_gate, graph_gate, run_set, worst_feed_sqnr
+from .sensitivity import Outcome, failure_message, keep_float_until_gate, measure_set, rank_feeds
 
 LATENCY_TIE = 0.05  # end-to-end timings closer than this are a tie on a shared machine
 BACKENDS = {"onnxruntime": "OnnxRuntimeBackend", "openvino": "OpenVinoBackend", "coreml": "CoreMLBackend"}
@@ -80,6 +81,9 @@ def parse(argv=None):
                     help="OpenVINO: quantize every op that passes the gate, even where INT8 is slower on this CPU")
     g.add_argument("--max-excluded", type=float, default=0.5,
                    help="at most this fraction of the quantized nodes may be kept in float")
+    g.add_argument("--measure-minutes", type=float, default=30,
+                   help="when the SQNR-ranked rounds miss a gate, score every node alone in float at the graph's output "
+                        "and run the rounds again in that order, if that is estimated to take at most this long (0: never)")
     args = ap.parse_args(argv)
     for flag, value, backend in (("--max-drop", args.max_drop is not None, "openvino"), ("--smooth-quant", args.smooth_quant, "openvino"),
                                  ("--palettize", args.palettize is not None, "coreml")):
@@ -132,13 +136,23 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
     backend.prepare(graph, calib)
     evaluate = lambda attempt: graph_gate(graph, gates, reference, attempt.run, held)  # noqa: E731
     describe = partial(describe_gate, graph)
+    measured = measure_set(calib)
+    measured_reference = []  # fp32 outputs on the measure set, computed only if the measured rounds run
+
+    def measure(attempt) -> float:
+        if not measured_reference:
+            measured_reference.append(run_set(fp32(graph), measured))
+            fp32.release(graph)
+        return worst_feed_sqnr(graph, measured_reference[0], attempt.run, measured)
+
     if args.max_drop is not None and hasattr(backend, "accuracy_control"):
         outcome = backend.accuracy_control(graph, calib, held, reference, gates, evaluate)
         print(f"    accuracy control: {describe(outcome.gate)}", flush=True)
     else:
         outcome = keep_float_until_gate(lambda ex: backend.quantize(graph, ex), evaluate,
                                         lambda attempt: backend.rank(graph, attempt, rank_feeds(calib, held)), describe,
-                                        args.max_rounds, args.max_excluded)
+                                        args.max_rounds, args.max_excluded, measure,
+                                        args.measure_minutes * 60)
     if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "latency_exclusions"):
         outcome = latency_refine(backend, graph, outcome, evaluate, describe)
     if outcome.gate["pass"] and hasattr(backend, "bf16_run"):

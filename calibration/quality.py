@@ -72,6 +72,16 @@ def graph_gate(graph: str, gates: Gates, reference: np.ndarray, run: Runner, fs:
             **{k: m[k] for k in ("psnr", "cosine", "cosine_whole_set", "rel_l2", "max_abs", "nonfinite") if k in m}}
 
 
+def worst_feed_sqnr(graph: str, reference: np.ndarray, run: Runner, fs: FeedSet) -> float:
+    """The lowest output SQNR (dB) vs the fp32 reference over the set's feeds (images clipped as shown);
+    -inf if any output is not finite, so a graph that produces NaN ranks last."""
+    out = run_set(run, fs)
+    if not np.isfinite(out).all():
+        return float("-inf")
+    ref, out = shown(graph, reference), shown(graph, out)
+    return min(sqnr_db(ref[a:b], out[a:b]) for a, b in feed_spans(fs))
+
+
 def feed_spans(fs: FeedSet) -> list[tuple[int, int]]:
     """[start, stop) of each feed's rows in run_set's concatenated output."""
     spans, start = [], 0

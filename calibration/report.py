@@ -14,11 +14,12 @@ from .quality import describe_e2e, describe_gate
 
 STRIP_PHOTOS = 4
 DIFF_GAIN = 10
+ROUND_NOTES = {"measured": " (measured order)", "latency": " (with the ops INT8 does not speed up here)"}
 
 
 def _details(backend, results, calib, held) -> dict:
     return {g: {"artifact": backend.key, "calibration_set": calib[g].to_manifest(), "held_out_set": held[g].to_manifest(),
-                "gate": o.gate, "counts": o.attempt.counts, "seconds": o.seconds,
+                "gate": o.gate, "counts": o.attempt.counts, "seconds": o.seconds, "mode": o.mode,
                 "kept_in_float": [c.to_dict() for c in o.excluded],
                 "most_sensitive": [c.to_dict() for c in o.ranking[:20]],
                 "rounds": [{"round": r["round"], "nodes_in_float": r["excluded"], "value": r["gate"]["value"],
@@ -59,8 +60,9 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                      + (d["validation_bf16"].get("gate") or "") + (" (pass)" if d["validation_bf16"].get("pass") else
                                                                      f" ({d['validation_bf16'].get('skipped') or 'FAIL: not offered'})")]
                     if d.get("validation_bf16") else []),
-                  f"- {len(d['rounds']) - 1} exclusion rounds, {d['seconds']} s: "
-                  + ", ".join(f"{r['nodes_in_float']} in float -> {r['value']:.4f}" for r in d["rounds"])]
+                  f"- {d['mode']}: {len(d['rounds']) - 1} rounds, {d['seconds']} s: "
+                  + ", ".join(f"{r['nodes_in_float']} in float" + ROUND_NOTES.get(str(r["round"]).split()[0], "")
+                              + f" -> {r['value']:.4f}" for r in d["rounds"])]
         if d["kept_in_float"]:
             lines += ["", "Kept in float (most damaging first):", "", "| node | op | weight / role | why |", "|---|---|---|---|"]
             lines += [f"| `{c['node']}` | {c['op_type']} | `{c['label']}` | {c['reason']} |" for c in d["kept_in_float"]]

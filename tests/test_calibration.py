@@ -281,8 +281,9 @@ def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, data_dir, capsy
     files = sorted(p.relative_to(copy) for p in copy.rglob("*"))
     rc = calibrate(copy, "onnxruntime", data_dir, "--graphs", "vae_decoder", "--decoder-min-psnr", "200", "--max-rounds", "2")
     assert rc == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "vae_decoder INT8 misses its gate" in err and "the bundle was not modified" in err
+    assert "measured: output SQNR" in out and "round measured 2" in out  # the measured rounds ran, and failed too
     assert (copy / "manifest.json").read_bytes() == before
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == files
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".bundle")]  # no staging/backup left over
@@ -291,7 +292,7 @@ def test_impossible_gate_fails_and_leaves_bundle_untouched(copy, data_dir, capsy
 def test_skip_failed_graphs_writes_the_graphs_that_pass(copy, data_dir, capsys):
     """--skip-failed-graphs: a graph that misses its gate gets no artifact (said, and recorded), the others are
     written in the same run; without the flag the same run writes nothing."""
-    args = ("--graphs", "vae_decoder", "transformer", "--transformer-min-cosine", "1.01", "--max-rounds", "1")
+    args = ("--graphs", "vae_decoder", "transformer", "--transformer-min-cosine", "1.01", "--max-rounds", "1", "--measure-minutes", "0")
     assert calibrate(copy, "onnxruntime", data_dir, *args) == 1
     assert "onnx/int8" not in manifest(copy)["graphs"]["vae_decoder"]["artifacts"]
     assert calibrate(copy, "onnxruntime", data_dir, *args, "--skip-failed-graphs") == 0
@@ -488,3 +489,39 @@ def test_exclusion_rounds_hold_one_compiled_attempt_at_a_time():
     assert [c for _, _, c in log] == [[], [], []]  # nothing compiled while quantizing
     outcome.attempt.release()
     assert not compiled and outcome.attempt.run({})[0] == 3 and compiled == {3}  # compiled again on demand
+
+
+def test_measured_rounds_find_the_nodes_that_reach_the_output():
+    """When the SQNR order misses the gate (on the digit transformer it did with 23 of 47 nodes in float),
+    every node is scored alone in float at the graph's output and the rounds run again in that order."""
+    from calibration.sensitivity import Attempt, Candidate, failure_message, keep_float_until_gate
+
+    damage = {"late_fc2": 3.0, "patch_embed": 2.0}  # output SQNR each costs; the SQNR ranking puts them last
+    ranking = [Candidate(f"n{i}", "MatMul", float(i), "x") for i in range(6)] + \
+              [Candidate(n, "MatMul", 30.0, "x") for n in damage]
+    quantized = []
+
+    def quantize(excluded):
+        quantized.append(list(excluded))
+        return Attempt(run=None, counts={}, excluded=list(excluded))
+
+    def output_sqnr(attempt):
+        return 30.0 - sum(d for n, d in damage.items() if n not in attempt.excluded)
+
+    def evaluate(attempt):
+        return {"pass": output_sqnr(attempt) >= 29.0, "value": output_sqnr(attempt)}
+
+    outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=3, max_excluded=0.5,
+                                    measure=output_sqnr)
+    assert outcome.gate["pass"] and outcome.mode == "measured exclusion rounds"
+    assert [c.node for c in outcome.excluded][:2] == ["late_fc2", "patch_embed"]  # rounds keep 1, then 1 + 2 in float
+    assert outcome.excluded[0].output_sqnr_db == 28.0 and outcome.excluded[0].all_int8_sqnr_db == 25.0
+    assert "output SQNR 28.00 dB with it alone in float" in outcome.excluded[0].to_dict()["reason"]
+    assert [r["round"] for r in outcome.rounds] == [0, 1, 2, 3, "measured 1", "measured 2"]
+    assert len(quantized) == 4 + 1 + len(ranking) + 2  # rounds, all-INT8 again, one per node, measured rounds
+
+    # too slow to score every node: the SQNR rounds' failure stands, and the message says what was tried
+    outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=2, max_excluded=0.5,
+                                    measure=output_sqnr, measure_budget_s=0)
+    assert not outcome.gate["pass"] and outcome.mode == "exclusion rounds"
+    assert "most sensitive of 8 quantized nodes" in failure_message("g", outcome, str, 2, 0.5)
