@@ -73,7 +73,7 @@ def parse(argv=None):
     g.add_argument("--encoder-min-cosine", type=float, default=0.99)
     g.add_argument("--transformer-min-cosine", type=float, default=0.99)
     g.add_argument("--max-e2e-drop", type=float, default=0.3, help="reconstruction PSNR drop vs the photos, dB")
-    g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each keeps twice as many nodes in float)")
+    g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each adds twice as many nodes to those in float as the last: 1, 3, 7, ...)")
     ap.add_argument("--skip-failed-graphs", action="store_true",
                     help="write the graphs that pass their gates and leave out (with a message) those that do not, "
                          "instead of writing nothing; the end-to-end gate still holds")

@@ -10,8 +10,8 @@ the linear-attention products (sums over every token), the latent interfaces (en
 decoder first conv) and the final RGB conv; the measurement finds them rather than assuming them.
 
 The loop is backend-agnostic: ``quantize(excluded) -> Attempt``, ``evaluate(Attempt) -> gate``,
-``rank(Attempt) -> [Candidate]``. Round r keeps twice as many nodes in float as round r-1 (1, 2,
-4, ...), the last allowed round keeps every sensitive node (the worst ``max_excluded`` fraction)
+``rank(Attempt) -> [Candidate]``. Each round adds twice as many nodes to those in float as the round
+before (1, 3, 7, 15, ... in float), the last allowed round keeps every sensitive node (the worst ``max_excluded`` fraction)
 in float; if the gate still fails the caller reports it, nothing is written.
 
 Measured rounds, when the SQNR rounds fail: a tensor's SQNR says how much rounding a node adds, not how much
@@ -169,7 +169,7 @@ def measured_ranking(quantize: Callable[[list[str]], Attempt], measure: Callable
 
 def _exclusion_rounds(quantize, evaluate, describe, attempt: Attempt, ranking: list[Candidate], rounds: list[dict],
                       max_rounds: int, max_excluded: float, mode: str = "exclusion rounds", gate: dict | None = None) -> Outcome:
-    """Keep 1, 2, 4, ... nodes of ``ranking`` in float (the last round: all it may) until the gate holds."""
+    """Keep the first 1, 3, 7, ... nodes of ``ranking`` in float (the last round: all it may) until the gate holds."""
     gate = gate or rounds[-1]["gate"]
     excluded: list[Candidate] = []
     limit = math.floor(max_excluded * len(ranking))
