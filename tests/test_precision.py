@@ -70,6 +70,10 @@ def test_fastest_gated_artifact_is_picked_from_injected_timings():
     assert allowed == ["fp32", "fp16", "int8"]
     assert P.choose({"fp32": 100.0, "fp16": 80.0, "int8": 40.0}, allowed)[0] == "int8"
     assert P.choose({"fp32": 100.0, "fp16": 80.0, "int8": 140.0}, allowed)[0] == "fp16"  # INT8 slower here: not picked
+    # level within timing noise: the more accurate artifact, said
+    best, why = P.choose({"fp32": 126.7, "fp16": 150.0, "int8": 126.4}, allowed)
+    assert best == "fp32" and "level with int8 within 5%, and more accurate" in why
+    assert P.choose({"fp32": 126.7, "int8": 110.0}, allowed)[0] == "int8"
     best, why = P.choose({"fp32": 10.0, "int8": None}, allowed)
     assert best == "fp32" and "10.0 ms" in why
 
