@@ -322,7 +322,7 @@ def to_markdown(report: dict) -> str:
              "Peak RSS is each configuration's own process; the runtime alone (interpreter, numpy, the runtime "
              "library) is the base, so model + activations = peak - base. Load s = building the session. **auto** marks "
              "what `precision=\"auto\"` picks per graph and backend on this CPU (the fastest artifact that passed its "
-             "gate, at batch 1; the denoiser at its CFG batch 2).", "",
+             "gate, a tie within 5% going to the more accurate one, at batch 1; the denoiser at its CFG batch 2).", "",
              "| graph | backend | precision | batch | p50 ms | p90 ms | items/s | first run ms | load s | peak RSS MB | base MB | "
              "model MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

@@ -281,7 +281,7 @@ def markdown(report: dict) -> str:
     lines = [f"# INT8 vs fp32 / bf16 latency: {report['bundle']}", "",
              f"{report['cpu']} ({report.get('isa', 'ISA not recorded')}); {THREADS} threads pinned to CPUs {report['cpus']}; warm-up {report['warmup']}, median of "
              f"{report.get('runs', report['repeats'])} runs taken in {report.get('rounds', 1)} interleaved rounds; resolution {report['resolution']}px; versions {report['versions']}", "",
-             "**auto** marks what `precision=\"auto\"` picks on this CPU (the fastest artifact that passed its gate).", "",
+             "**auto** marks what `precision=\"auto\"` picks on this CPU (the fastest artifact that passed its gate; a tie within 5% goes to the more accurate one).", "",
              "| graph | backend | precision | median ms | p90 ms | cold ms | speed-up vs fp32 | PSNR vs fp32 dB | cosine |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {}
