@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
-from export.common import summarize
+from export.common import LEAN_ABOVE_MB, summarize
 
 from runtimes.precision import cpu_key
 
@@ -155,6 +155,8 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
                                         args.measure_minutes * 60)
     if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "latency_exclusions"):
         outcome = latency_refine(backend, graph, outcome, evaluate, describe)
+    if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "float_attempt"):
+        outcome.attempt.extra["versus_float"] = versus_float(backend, graph, outcome.attempt)
     if outcome.gate["pass"] and hasattr(backend, "bf16_run"):
         outcome.attempt.extra["validation_bf16"] = bf16_remainder_check(backend, graph, outcome.attempt, gates, reference,
                                                                         held, describe)
@@ -229,6 +231,26 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
     return Outcome(attempt, gate, outcome.excluded, outcome.ranking,
                    outcome.rounds + [{"round": "latency", "excluded": len(names), "gate": gate, "seconds": 0}],
                    mode=outcome.mode + " + latency-aware")
+
+
+def versus_float(backend, graph: str, attempt) -> dict:
+    """The INT8 graph being written against the float graph it came from, whole, on this CPU (interleaved
+    medians at the backend's default float precision: bf16 where the CPU has it). A slower INT8 graph is still
+    written, since it may win on other CPUs, and auto measures there; the report says so."""
+    files = backend.source_files(graph)
+    size = sum(f.stat().st_size for f in files) + sum(d.stat().st_size for f in files if (d := Path(f"{f}.data")).is_file())
+    if size > LEAN_ABOVE_MB * 1e6:  # both compiled at once would hold the weights twice more (paper size: 3.3 GB)
+        print(f"    INT8 vs float end to end: not timed ({size / 1e9:.1f} GB of weights; scripts/bench_int8.py times them apart)", flush=True)
+        return {"skipped": f"{size / 1e9:.1f} GB of weights: timed by scripts/bench_int8.py instead"}
+    base = backend.float_attempt(graph)
+    int8_ms, float_ms = backend.graph_ms(graph, [attempt, base])
+    base.release()
+    hint, speedup = backend.default_hint(), float_ms / int8_ms
+    verdict = (f"{speedup:.2f}x faster" if int8_ms < float_ms else
+               f"no faster here: auto runs {hint} on this CPU; the artifact is written for CPUs where INT8 wins")
+    print(f"    INT8 vs {hint} end to end on this CPU: {int8_ms:.2f} vs {float_ms:.2f} ms, {verdict}", flush=True)
+    return {"int8_ms": round(int8_ms, 3), "float_ms": round(float_ms, 3), "float": hint, "speedup": round(speedup, 3),
+            "cpu": cpu_key()}
 
 
 def end_to_end(backend, results: dict[str, Outcome], held: dict[str, FeedSet], gates: Gates, fp32: Fp32, manifest):

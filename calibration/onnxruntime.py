@@ -280,6 +280,10 @@ class OnnxRuntimeBackend(Backend):
     def default_hint(self) -> str:
         return "fp32"
 
+    def float_attempt(self, graph: str) -> Attempt:
+        """The fp32 graph INT8 came from, as graph_ms times it."""
+        return Attempt(run=self.fp32_runner(graph), counts={}, excluded=[], handle=self.source_files(graph)[0])
+
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs, in interleaved rounds (as OpenVinoBackend.graph_ms)."""
         from dcae_edge.timing import interleaved_medians

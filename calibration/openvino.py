@@ -289,6 +289,10 @@ class OpenVinoBackend(Backend):
         """The CPU plugin's default float precision here: bf16 where the CPU has native bf16, else f32."""
         return "bf16" if "bf16" in self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name() else "f32"
 
+    def float_attempt(self, graph: str) -> Attempt:
+        """The float IR INT8 came from, as graph_ms times it (at the default hint: bf16 where the CPU has it)."""
+        return Attempt(run=None, counts={}, excluded=[], handle=self._read(graph))
+
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs at the default hint, measured in interleaved rounds (on a shared
         machine a slow spell then hits every candidate alike)."""

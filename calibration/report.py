@@ -28,7 +28,8 @@ def _details(backend, results, calib, held) -> dict:
                 "kept_float_for_speed": o.attempt.extra.get("kept_float_for_speed", []),
                 "int8_faster_nowhere": bool(o.attempt.extra.get("int8_faster_nowhere")),
                 "latency_check": o.attempt.extra.get("latency_check"),
-                "validation_bf16": o.attempt.extra.get("validation_bf16")}
+                "validation_bf16": o.attempt.extra.get("validation_bf16"),
+                "versus_float": o.attempt.extra.get("versus_float")}
             for g, o in results.items()}
 
 
@@ -63,6 +64,13 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                   f"- {d['mode']}: {len(d['rounds']) - 1} rounds, {d['seconds']} s: "
                   + ", ".join(f"{r['nodes_in_float']} in float" + ROUND_NOTES.get(str(r["round"]).split()[0], "")
                               + f" -> {r['value']:.4f}" for r in d["rounds"])]
+        vs = d.get("versus_float")
+        if vs and "skipped" not in vs:
+            lines.append(f"- end to end on this CPU: INT8 {vs['int8_ms']} ms vs {vs['float']} {vs['float_ms']} ms ("
+                         + (f"{vs['speedup']:.2f}x)" if vs["speedup"] > 1 else "INT8 no faster here: auto runs "
+                            f"{vs['float']} on this CPU; written for CPUs where INT8 wins)"))
+        elif vs:
+            lines.append(f"- end to end on this CPU: not timed ({vs['skipped']})")
         if d["kept_in_float"]:
             lines += ["", "Kept in float (most damaging first):", "", "| node | op | weight / role | why |", "|---|---|---|---|"]
             lines += [f"| `{c['node']}` | {c['op_type']} | `{c['label']}` | {c['reason']} |" for c in d["kept_in_float"]]

@@ -139,6 +139,10 @@ def test_onnxruntime_latency_mix_keeps_slow_convs_in_float(copy, data_dir, monke
     rows = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]["layer_latency"]
     assert rows and all(r["int8_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
     assert any(r["node"].endswith("Conv") for r in rows)
+    # the INT8 graph written is timed whole against its fp32 graph, and the report says which won here
+    vs = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]["versus_float"]
+    assert vs["int8_ms"] > 0 and vs["float_ms"] > 0 and vs["float"] == "fp32" and vs["speedup"] == round(vs["float_ms"] / vs["int8_ms"], 3)
+    assert "- end to end on this CPU: INT8 " in (copy / "calibration" / "onnxruntime.md").read_text()
 
     def fake(self, graph, attempt):
         names = sorted(n.name for n in quantized_nodes(onnx.load(str(attempt.handle))))
@@ -152,6 +156,8 @@ def test_onnxruntime_latency_mix_keeps_slow_convs_in_float(copy, data_dir, monke
     still_int8 = {n.name for n in quantized_nodes(onnx.load(str(copy / art["files"][0])))}
     assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & still_int8
     assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32"}
+    assert art["versus_float"]["speedup"] == 2.0
+    assert "end to end on this CPU: INT8 1.0 ms vs fp32 2.0 ms (2.00x)" in (copy / "calibration" / "onnxruntime.md").read_text()
 
 
 def test_openvino_int8_fake_quantize(copy, data_dir):
