@@ -85,6 +85,8 @@ def parse(argv=None):
                    help="when the SQNR-ranked rounds miss a gate, score every node alone in float at the graph's output "
                         "and run the rounds again in that order, if that is estimated to take at most this long (0: never)")
     args = ap.parse_args(argv)
+    if args.measure_minutes < 0:
+        ap.error(f"--measure-minutes {args.measure_minutes}: give 0 (never) or a positive budget in minutes")
     for flag, value, backend in (("--max-drop", args.max_drop is not None, "openvino"), ("--smooth-quant", args.smooth_quant, "openvino"),
                                  ("--palettize", args.palettize is not None, "coreml")):
         if value and args.backend != backend:

@@ -531,3 +531,16 @@ def test_measured_rounds_find_the_nodes_that_reach_the_output():
                                     measure=output_sqnr, measure_budget_s=0)
     assert not outcome.gate["pass"] and outcome.mode == "exclusion rounds"
     assert "most sensitive of 8 quantized nodes" in failure_message("g", outcome, str, 2, 0.5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--measure-minutes", "-1"], "--measure-minutes -1.0: give 0 (never) or a positive budget"),
+    (["--backend", "onnxruntime", "--palettize", "6"], "--palettize only applies to --backend coreml"),
+])
+def test_flag_mistakes_are_named(tmp_path, capsys, argv, message):
+    from calibration.__main__ import parse
+
+    base = ["--bundle", str(tmp_path)] + ([] if "--backend" in argv else ["--backend", "openvino"])
+    with pytest.raises(SystemExit) as e:
+        parse(base + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
