@@ -249,7 +249,7 @@ def versus_float(backend, graph: str, attempt) -> dict:
     base.release()
     hint, speedup = backend.default_hint(), float_ms / int8_ms
     verdict = (f"{speedup:.2f}x faster" if int8_ms < float_ms else
-               f"no faster here: auto runs {hint} on this CPU; the artifact is written for CPUs where INT8 wins")
+               f"no faster here (auto times both on each CPU and picks); written for CPUs where INT8 wins")
     print(f"    INT8 vs {hint} end to end on this CPU: {int8_ms:.2f} vs {float_ms:.2f} ms, {verdict}", flush=True)
     return {"int8_ms": round(int8_ms, 3), "float_ms": round(float_ms, 3), "float": hint, "speedup": round(speedup, 3),
             "cpu": cpu_key()}
