@@ -14,7 +14,7 @@ from .quality import describe_e2e, describe_gate
 
 STRIP_PHOTOS = 4
 DIFF_GAIN = 10
-ROUND_NOTES = {"measured": " (measured order)", "latency": " (with the ops INT8 does not speed up here)"}
+ROUND_NOTES = {"measured": " (measured order)", "trim": " (trimmed)", "latency": " (with the ops INT8 does not speed up here)"}
 
 
 def _details(backend, results, calib, held) -> dict:

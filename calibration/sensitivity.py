@@ -133,7 +133,9 @@ def keep_float_until_gate(quantize: Callable[[list[str]], Attempt], evaluate: Ca
     ranking = rank(attempt)
     worst = ", ".join(f"{c.node} ({c.sqnr_db:.1f} dB)" for c in ranking[:5])
     print(f"    sensitivity: {len(ranking)} quantized nodes, worst: {worst}", flush=True)
-    outcome = _exclusion_rounds(quantize, evaluate, describe, attempt, ranking, rounds, max_rounds, max_excluded)
+    # a trim round costs about what round 0 did: skipped where that would not fit the budget (paper size)
+    trim = rounds[0]["seconds"] * 3 <= measure_budget_s
+    outcome = _exclusion_rounds(quantize, evaluate, describe, attempt, ranking, rounds, max_rounds, max_excluded, trim=trim)
     if outcome.gate["pass"] or measure is None or not ranking or max_rounds < 1:
         return outcome
     # one quantization per node, each about as long as round 0 took
@@ -146,7 +148,7 @@ def keep_float_until_gate(quantize: Callable[[list[str]], Attempt], evaluate: Ca
     attempt = quantize([])
     measured = measured_ranking(quantize, measure, ranking, attempt)
     return _exclusion_rounds(quantize, evaluate, describe, attempt, measured, outcome.rounds, max_rounds, max_excluded,
-                             mode="measured exclusion rounds", gate=rounds[0]["gate"])
+                             mode="measured exclusion rounds", gate=rounds[0]["gate"], trim=True)
 
 
 def measured_ranking(quantize: Callable[[list[str]], Attempt], measure: Callable[[Attempt], float],
@@ -168,16 +170,20 @@ def measured_ranking(quantize: Callable[[list[str]], Attempt], measure: Callable
 
 
 def _exclusion_rounds(quantize, evaluate, describe, attempt: Attempt, ranking: list[Candidate], rounds: list[dict],
-                      max_rounds: int, max_excluded: float, mode: str = "exclusion rounds", gate: dict | None = None) -> Outcome:
-    """Keep the first 1, 3, 7, ... nodes of ``ranking`` in float (the last round: all it may) until the gate holds."""
+                      max_rounds: int, max_excluded: float, mode: str = "exclusion rounds", gate: dict | None = None,
+                      trim: bool = False) -> Outcome:
+    """Keep the first 1, 3, 7, ... nodes of ``ranking`` in float (the last round: all it may) until the gate holds;
+    with ``trim``, then bisect between the last failing and the passing count for the fewest nodes in float that
+    pass (the digit transformer's measured rounds passed with 15 after 7 had failed)."""
     gate = gate or rounds[-1]["gate"]
     excluded: list[Candidate] = []
     limit = math.floor(max_excluded * len(ranking))
-    step = 1
+    step, failed = 1, 0  # failed: the most nodes in float known to miss the gate
     for r in range(1, max_rounds + 1):
         room = limit - len(excluded)
         if gate["pass"] or room <= 0:
             break
+        failed = len(excluded)
         take = room if r == max_rounds else min(step, room)  # the last round tries every sensitive node in float
         excluded += ranking[len(excluded):len(excluded) + take]
         step *= 2
@@ -188,6 +194,19 @@ def _exclusion_rounds(quantize, evaluate, describe, attempt: Attempt, ranking: l
         label = r if mode == "exclusion rounds" else f"measured {r}"
         rounds.append({"round": label, "excluded": len(excluded), "gate": gate, "seconds": round(time.perf_counter() - t, 1)})
         print(f"    round {label} ({len(excluded)} nodes in float): {describe(gate)}", flush=True)
+    while trim and gate["pass"] and len(excluded) - failed > 1:
+        mid = (failed + len(excluded)) // 2
+        t = time.perf_counter()
+        attempt.release()  # compiled again on demand if it stays the answer
+        candidate = quantize([c.node for c in ranking[:mid]])
+        g = evaluate(candidate)
+        rounds.append({"round": f"trim {mid}", "excluded": mid, "gate": g, "seconds": round(time.perf_counter() - t, 1)})
+        print(f"    round trim ({mid} nodes in float): {describe(g)}", flush=True)
+        if g["pass"]:
+            attempt, gate, excluded = candidate, g, excluded[:mid]
+        else:
+            candidate.release()
+            failed = mid
     return Outcome(attempt, gate, excluded, ranking, rounds, mode=mode)
 
 

@@ -491,10 +491,11 @@ def test_exclusion_rounds_hold_one_compiled_attempt_at_a_time():
 
     ranking = [Candidate(f"n{i}", "Convolution", 10.0 - i, "w") for i in range(4)]
     outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=4, max_excluded=1.0)
-    assert outcome.gate["pass"] and len(outcome.excluded) == 3  # rounds with 0, 1, 3 nodes in float
-    assert [c for _, _, c in log] == [[], [], []]  # nothing compiled while quantizing
+    assert outcome.gate["pass"] and len(outcome.excluded) == 2  # rounds with 0, 1, 3 nodes in float, then trimmed to 2
+    assert [r["round"] for r in outcome.rounds] == [0, 1, 2, "trim 2"]
+    assert [c for _, _, c in log] == [[], [], [], []]  # nothing compiled while quantizing (the trim round too)
     outcome.attempt.release()
-    assert not compiled and outcome.attempt.run({})[0] == 3 and compiled == {3}  # compiled again on demand
+    assert not compiled and outcome.attempt.run({})[0] == 2 and compiled == {2}  # compiled again on demand
 
 
 def test_measured_rounds_find_the_nodes_that_reach_the_output():
@@ -520,11 +521,11 @@ def test_measured_rounds_find_the_nodes_that_reach_the_output():
     outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=3, max_excluded=0.5,
                                     measure=output_sqnr)
     assert outcome.gate["pass"] and outcome.mode == "measured exclusion rounds"
-    assert [c.node for c in outcome.excluded][:2] == ["late_fc2", "patch_embed"]  # rounds keep 1, then 1 + 2 in float
+    assert [c.node for c in outcome.excluded] == ["late_fc2", "patch_embed"]  # 1, then 1 + 2 in float, trimmed to 2
     assert outcome.excluded[0].output_sqnr_db == 28.0 and outcome.excluded[0].all_int8_sqnr_db == 25.0
     assert "output SQNR 28.00 dB with it alone in float" in outcome.excluded[0].to_dict()["reason"]
-    assert [r["round"] for r in outcome.rounds] == [0, 1, 2, 3, "measured 1", "measured 2"]
-    assert len(quantized) == 4 + 1 + len(ranking) + 2  # rounds, all-INT8 again, one per node, measured rounds
+    assert [r["round"] for r in outcome.rounds] == [0, 1, 2, 3, "measured 1", "measured 2", "trim 2"]
+    assert len(quantized) == 4 + 1 + len(ranking) + 3  # rounds, all-INT8 again, one per node, measured rounds, trim
 
     # too slow to score every node: the SQNR rounds' failure stands, and the message says what was tried
     outcome = keep_float_until_gate(quantize, evaluate, lambda a: ranking, str, max_rounds=2, max_excluded=0.5,
