@@ -83,7 +83,8 @@ def parse(argv=None):
                    help="at most this fraction of the quantized nodes may be kept in float")
     g.add_argument("--measure-minutes", type=float, default=30,
                    help="when the SQNR-ranked rounds miss a gate, score every node alone in float at the graph's output "
-                        "and run the rounds again in that order, if that is estimated to take at most this long (0: never)")
+                        "and run the rounds again in that order, if that is estimated to take at most this long (0: never); "
+                        "trim rounds (fewest nodes in float that pass) run where three quantizations fit it")
     args = ap.parse_args(argv)
     if args.measure_minutes < 0:
         ap.error(f"--measure-minutes {args.measure_minutes}: give 0 (never) or a positive budget in minutes")
@@ -249,7 +250,7 @@ def versus_float(backend, graph: str, attempt) -> dict:
     base.release()
     hint, speedup = backend.default_hint(), float_ms / int8_ms
     verdict = (f"{speedup:.2f}x faster" if int8_ms < float_ms else
-               f"no faster here (auto times both on each CPU and picks); written for CPUs where INT8 wins")
+               "no faster here (auto times both on each CPU and picks); written for CPUs where INT8 wins")
     print(f"    INT8 vs {hint} end to end on this CPU: {int8_ms:.2f} vs {float_ms:.2f} ms, {verdict}", flush=True)
     return {"int8_ms": round(int8_ms, 3), "float_ms": round(float_ms, 3), "float": hint, "speedup": round(speedup, 3),
             "cpu": cpu_key()}

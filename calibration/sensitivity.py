@@ -134,7 +134,7 @@ def keep_float_until_gate(quantize: Callable[[list[str]], Attempt], evaluate: Ca
     worst = ", ".join(f"{c.node} ({c.sqnr_db:.1f} dB)" for c in ranking[:5])
     print(f"    sensitivity: {len(ranking)} quantized nodes, worst: {worst}", flush=True)
     # a trim round costs about what round 0 did: skipped where that would not fit the budget (paper size)
-    trim = rounds[0]["seconds"] * 3 <= measure_budget_s
+    trim = 0 < measure_budget_s and rounds[0]["seconds"] * 3 <= measure_budget_s
     outcome = _exclusion_rounds(quantize, evaluate, describe, attempt, ranking, rounds, max_rounds, max_excluded, trim=trim)
     if outcome.gate["pass"] or measure is None or not ranking or max_rounds < 1:
         return outcome
