@@ -30,14 +30,13 @@ from pathlib import Path
 from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from export.common import LEAN_ABOVE_MB, summarize
 
-from runtimes.precision import cpu_key
+from runtimes.precision import AUTO_TIE, cpu_key
 
 from . import CalibrationError, GateFailed
 from .data import GRAPH_ORDER, FeedSet, SetOptions, batched, build_sets, graph_sizes
 from .quality import Gates, describe_e2e, describe_gate, e2e_gate, graph_gate, run_set, worst_feed_sqnr
 from .sensitivity import Outcome, failure_message, keep_float_until_gate, measure_set, rank_feeds
 
-LATENCY_TIE = 0.05  # end-to-end timings closer than this are a tie on a shared machine
 BACKENDS = {"onnxruntime": "OnnxRuntimeBackend", "openvino": "OpenVinoBackend", "coreml": "CoreMLBackend"}
 
 
@@ -217,7 +216,7 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
     check = {"mix_ms": mix_ms, "accuracy_chosen_ms": plain_ms, "hint": backend.default_hint()}
     # a tie within timing noise goes to the more accurate graph (on a shared machine, timing alone flipped the
     # digit transformer between a cosine-0.998 mix and the 0.9925 all-INT8 graph from one run to the next)
-    tie = plain_ms <= mix_ms < plain_ms * (1 + LATENCY_TIE) and gate["value"] > outcome.gate.get("value", float("inf"))
+    tie = plain_ms <= mix_ms < plain_ms * (1 + AUTO_TIE) and gate["value"] > outcome.gate.get("value", float("inf"))
     if mix_ms >= plain_ms and not tie:
         print(f"    latency: the mix is no faster end to end ({mix_ms:.2f} vs {plain_ms:.2f} ms at {check['hint']}); "
               "keeping the accuracy-chosen INT8 graph", flush=True)
@@ -225,7 +224,7 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
         outcome.attempt.extra["layer_latency"] = [{**r, "int8": True} for r in rows]  # the saved graph runs them in INT8
         return outcome
     if tie:
-        check["tie"] = f"level within {LATENCY_TIE:.0%}; the mix is more accurate ({gate['value']:.5g} vs {outcome.gate['value']:.5g} {gate.get('metric', '')})"
+        check["tie"] = f"level within {AUTO_TIE:.0%}; the mix is more accurate ({gate['value']:.5g} vs {outcome.gate['value']:.5g} {gate.get('metric', '')})"
     print(f"    latency: end to end at {check['hint']}: the mix {mix_ms:.2f} ms vs {plain_ms:.2f} ms for the accuracy-chosen INT8 graph"
           + (f" ({check['tie']}: kept)" if tie else ""), flush=True)
     attempt.extra["latency_check"] = check
@@ -240,8 +239,7 @@ def versus_float(backend, graph: str, attempt) -> dict:
     """The INT8 graph being written against the float graph it came from, whole, on this CPU (interleaved
     medians at the backend's default float precision: bf16 where the CPU has it). A slower INT8 graph is still
     written, since it may win on other CPUs, and auto measures there; the report says so."""
-    files = backend.source_files(graph)
-    size = sum(f.stat().st_size for f in files) + sum(d.stat().st_size for f in files if (d := Path(f"{f}.data")).is_file())
+    size = backend.source_bytes(graph)
     if size > LEAN_ABOVE_MB * 1e6:  # both compiled at once would hold the weights twice more (paper size: 3.3 GB)
         print(f"    INT8 vs float end to end: not timed ({size / 1e9:.1f} GB of weights; scripts/bench_int8.py times them apart)", flush=True)
         return {"skipped": f"{size / 1e9:.1f} GB of weights: timed by scripts/bench_int8.py instead"}

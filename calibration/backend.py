@@ -26,11 +26,17 @@ def log_level(logger: str, level: int):
         log.setLevel(old)
 
 
+def artifact_files(manifest: dict, artifact: dict) -> list[tuple[str, dict]]:
+    """(path, {sha256, bytes}) of every file of an artifact, as recorded at export: a package's files lie
+    in its folder, external weights (.onnx.data, an IR's .bin) are files of their own."""
+    return [(key, meta) for key, meta in sorted(manifest.get("files", {}).items())
+            if any(key == f or key.startswith(f + "/") for f in artifact["files"])]
+
+
 def artifact_id(manifest: dict, artifact: dict) -> str:
     h = hashlib.sha256()
-    for key, meta in sorted(manifest.get("files", {}).items()):
-        if any(key == f or key.startswith(f + "/") for f in artifact["files"]):
-            h.update(f"{key}{meta['sha256']}".encode())
+    for key, meta in artifact_files(manifest, artifact):
+        h.update(f"{key}{meta['sha256']}".encode())
     return h.hexdigest()[:24]
 
 
@@ -60,6 +66,11 @@ class Backend:
         """Checksums of every file of the fp32 graph (from the manifest; an IR's weights live in its
         .bin, a package's in a sub-folder): cache keys of derived sets use it."""
         return artifact_id(self.manifest, self.manifest["graphs"][graph]["artifacts"][self.source_key(graph)])
+
+    def source_bytes(self, graph: str) -> int:
+        """Bytes of the fp32 graph's files, weights included."""
+        artifact = self.manifest["graphs"][graph]["artifacts"][self.source_key(graph)]
+        return sum(meta["bytes"] for _, meta in artifact_files(self.manifest, artifact))
 
     def output_names(self, graph: str) -> list[str]:
         return [t["name"] for t in self.manifest["graphs"][graph]["outputs"]]

@@ -41,6 +41,7 @@ def cpu_flags() -> set[str] | None:
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # native bf16 arithmetic
 ISA_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
              "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
 
@@ -56,7 +57,7 @@ def cpu_isa(flags: set[str] | None = None) -> str:
         return f"{platform.machine()}" + (f": {', '.join(arm)}" if arm else "")
     have = [name for flag, name in ISA_NAMES.items() if flag in flags]
     lacks = [name for name, present in (("AVX-512", "avx512f" in flags), ("VNNI", bool(flags & VNNI_FLAGS)),
-                                        ("bf16", bool(flags & {"avx512_bf16", "amx_bf16"})), ("AMX", "amx_tile" in flags))
+                                        ("bf16", has_fast_bf16(flags)), ("AMX", "amx_tile" in flags))
              if not present]
     return ", ".join(have or ["no AVX2"]) + ("; no " + ", ".join(lacks[:-1]) + (" or " if len(lacks) > 1 else "") + lacks[-1]
                                              if lacks else "")
@@ -65,7 +66,7 @@ def cpu_isa(flags: set[str] | None = None) -> str:
 def has_fast_bf16(flags: set[str] | None = None) -> bool:
     """Native bf16 arithmetic (AMX or AVX512-BF16): where bf16 autocast and OpenVINO's bf16 hint pay off."""
     flags = cpu_flags() if flags is None else flags
-    return bool(flags and flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags and flags & BF16_FLAGS)
 
 
 def cpu_key() -> str:

@@ -126,7 +126,7 @@ def gated(manifest: dict, graph: str, backend: str, fmt: str = "onnx") -> list[s
 
 # most accurate first: a lossier artifact must beat a more accurate one by more than AUTO_TIE to be picked
 ACCURACY_ORDER = ("fp32", "fp16", "bf16", "int8", "int8-bf16")
-AUTO_TIE = 0.05  # timings closer than this are a tie on a shared machine (the calibration's latency pass uses the same)
+AUTO_TIE = 0.05  # timings closer than this are a tie on a shared machine (the calibration's latency pass uses it too)
 
 
 def choose(timings: dict[str, float], allowed: list[str]) -> tuple[str, str]:

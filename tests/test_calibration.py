@@ -239,7 +239,7 @@ def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir,
     assert all(r["int8"] for r in art["layer_latency"]) and quantized_ops(ir) > in_int8_with_mix  # the two ops are INT8 again
     assert "the mix is not kept" in (copy / "calibration" / "openvino.md").read_text()
 
-    # level within timing noise (LATENCY_TIE) and more accurate (two ops back in float): the mix is kept
+    # level within timing noise (AUTO_TIE) and more accurate (two ops back in float): the mix is kept
     monkeypatch.setattr(OpenVinoBackend, "graph_ms", lambda self, graph, attempts: [2.04, 2.0])
     assert calibrate(copy, "openvino", data_dir, "--graphs", "vae_decoder") == 0
     art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
