@@ -155,10 +155,12 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
                                         lambda attempt: backend.rank(graph, attempt, rank_feeds(calib, held)), describe,
                                         args.max_rounds, args.max_excluded, measure,
                                         args.measure_minutes * 60)
+    timed = outcome.gate["pass"] and args.latency_aware and hasattr(backend, "float_attempt")
+    base = float_baseline(backend, graph) if timed else None
     if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "latency_exclusions"):
-        outcome = latency_refine(backend, graph, outcome, evaluate, describe)
-    if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "float_attempt"):
-        outcome.attempt.extra["versus_float"] = versus_float(backend, graph, outcome.attempt)
+        outcome = latency_refine(backend, graph, outcome, evaluate, describe, base)
+    if timed:
+        outcome.attempt.extra["versus_float"] = versus_float(backend, graph, outcome.attempt, base)
     if outcome.gate["pass"] and hasattr(backend, "bf16_run"):
         outcome.attempt.extra["validation_bf16"] = bf16_remainder_check(backend, graph, outcome.attempt, gates, reference,
                                                                         held, describe)
@@ -182,10 +184,11 @@ def bf16_remainder_check(backend, graph: str, attempt, gates: Gates, reference, 
     return {"pass": bool(gate["pass"]), "gate": describe(gate)}
 
 
-def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) -> Outcome:
+def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe, base=None) -> Outcome:
     """Keep in float every quantized op that INT8 does not make faster on this CPU (per-layer
     timings of both graphs); accept the result only if it still passes the gate and is faster end to
-    end (per-op timings miss the layout reorders a mix adds between INT8 and float neighbours)."""
+    end (per-op timings miss the layout reorders a mix adds between INT8 and float neighbours).
+    ``base``, the float graph, is timed in the same interleaved rounds, for versus_float."""
     slow, rows = backend.latency_exclusions(graph, outcome.attempt)
     outcome.attempt.extra["layer_latency"] = rows
     if not slow:
@@ -212,8 +215,9 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
     if not gate["pass"]:
         print("    latency: that mix misses the gate; keeping the accuracy-chosen INT8 graph", flush=True)
         return outcome
-    mix_ms, plain_ms = backend.graph_ms(graph, [attempt, outcome.attempt])
-    check = {"mix_ms": mix_ms, "accuracy_chosen_ms": plain_ms, "hint": backend.default_hint()}
+    mix_ms, plain_ms, *float_ms = backend.graph_ms(graph, [attempt, outcome.attempt] + ([base] if base else []))
+    check = {"mix_ms": mix_ms, "accuracy_chosen_ms": plain_ms, "hint": backend.default_hint(),
+             **({"float_ms": float_ms[0]} if float_ms else {})}
     # a tie within timing noise goes to the more accurate graph (on a shared machine, timing alone flipped the
     # digit transformer between a cosine-0.998 mix and the 0.9925 all-INT8 graph from one run to the next)
     tie = plain_ms <= mix_ms < plain_ms * (1 + AUTO_TIE) and gate["value"] > outcome.gate.get("value", float("inf"))
@@ -235,23 +239,34 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe) ->
                    mode=outcome.mode + " + latency-aware")
 
 
-def versus_float(backend, graph: str, attempt) -> dict:
-    """The INT8 graph being written against the float graph it came from, whole, on this CPU (interleaved
-    medians at the backend's default float precision: bf16 where the CPU has it). A slower INT8 graph is still
-    written, since it may win on other CPUs, and auto measures there; the report says so."""
-    size = backend.source_bytes(graph)
-    if size > LEAN_ABOVE_MB * 1e6:  # both compiled at once would hold the weights twice more (paper size: 3.3 GB)
+def float_baseline(backend, graph: str):
+    """The float graph the INT8 one is timed against, or None where its weights are too large to compile both
+    at once (they would be held twice more: 3.3 GB at paper size)."""
+    return None if backend.source_bytes(graph) > LEAN_ABOVE_MB * 1e6 else backend.float_attempt(graph)
+
+
+def versus_float(backend, graph: str, attempt, base) -> dict:
+    """The INT8 graph being written against the float graph it came from (``base``), whole, on this CPU
+    (interleaved medians at the backend's default float precision: bf16 where the CPU has it), read from the
+    latency pass's rounds where it timed both. A slower INT8 graph is still written, since it may win on other
+    CPUs, and auto measures there; the report says so."""
+    if base is None:
+        size = backend.source_bytes(graph)
         print(f"    INT8 vs float end to end: not timed ({size / 1e9:.1f} GB of weights; scripts/bench_int8.py times them apart)", flush=True)
         return {"skipped": f"{size / 1e9:.1f} GB of weights: timed by scripts/bench_int8.py instead"}
-    base = backend.float_attempt(graph)
-    int8_ms, float_ms = backend.graph_ms(graph, [attempt, base])
+    check = attempt.extra.get("latency_check") or {}
+    if "float_ms" in check:  # this attempt was timed with the float graph in the latency pass's rounds
+        int8_ms = check["mix_ms"] if attempt.extra.get("kept_float_for_speed") else check["accuracy_chosen_ms"]
+        float_ms = check["float_ms"]
+    else:
+        int8_ms, float_ms = backend.graph_ms(graph, [attempt, base])
     base.release()
     hint, speedup = backend.default_hint(), float_ms / int8_ms
     verdict = (f"{speedup:.2f}x faster" if int8_ms < float_ms else
-               "no faster here (auto times both on each CPU and picks); written for CPUs where INT8 wins")
+               "INT8 no faster here; auto times both on each CPU and picks; written for CPUs where INT8 wins")
     print(f"    INT8 vs {hint} end to end on this CPU: {int8_ms:.2f} vs {float_ms:.2f} ms, {verdict}", flush=True)
     return {"int8_ms": round(int8_ms, 3), "float_ms": round(float_ms, 3), "float": hint, "speedup": round(speedup, 3),
-            "cpu": cpu_key()}
+            "verdict": verdict, "cpu": cpu_key()}
 
 
 def end_to_end(backend, results: dict[str, Outcome], held: dict[str, FeedSet], gates: Gates, fp32: Fp32, manifest):

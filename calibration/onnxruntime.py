@@ -41,7 +41,7 @@ from . import CalibrationError
 from .backend import Backend, log_level
 from .data import FeedSet
 from .quality import sqnr_db
-from .sensitivity import Attempt, Candidate
+from .sensitivity import Attempt, Candidate, CompiledOnDemand
 
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 WEIGHT_BITS = 7  # reduce_range: no 16-bit saturation on CPUs without VNNI (module docstring)
@@ -281,8 +281,9 @@ class OnnxRuntimeBackend(Backend):
         return "fp32"
 
     def float_attempt(self, graph: str) -> Attempt:
-        """The fp32 graph INT8 came from, as graph_ms times it."""
-        return Attempt(run=self.fp32_runner(graph), counts={}, excluded=[], handle=self.source_files(graph)[0])
+        """The fp32 graph INT8 came from, as graph_ms times it (loaded on its first run)."""
+        return Attempt(run=CompiledOnDemand(lambda: self.fp32_runner(graph)), counts={}, excluded=[],
+                       handle=self.source_files(graph)[0])
 
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs, in interleaved rounds (as OpenVinoBackend.graph_ms)."""

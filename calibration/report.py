@@ -66,9 +66,8 @@ def _markdown(backend, summary: dict, details: dict, png: str | None) -> str:
                               + f" -> {r['value']:.4f}" for r in d["rounds"])]
         vs = d.get("versus_float")
         if vs and "skipped" not in vs:
-            lines.append(f"- end to end on this CPU: INT8 {vs['int8_ms']} ms vs {vs['float']} {vs['float_ms']} ms ("
-                         + (f"{vs['speedup']:.2f}x)" if vs["speedup"] > 1 else "INT8 no faster here; auto times both "
-                            "on each CPU and picks; written for CPUs where INT8 wins)"))
+            lines.append(f"- end to end on this CPU: INT8 {vs['int8_ms']} ms vs {vs['float']} {vs['float_ms']} ms "
+                         f"({vs['verdict']})")
         elif vs:
             lines.append(f"- end to end on this CPU: not timed ({vs['skipped']})")
         if d["kept_in_float"]:

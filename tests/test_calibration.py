@@ -150,14 +150,20 @@ def test_onnxruntime_latency_mix_keeps_slow_convs_in_float(copy, data_dir, monke
         return slow, [{"node": n, "int8_ms": 2.0 if n in slow else 0.5, "fp32_ms": 1.0, "int8": n not in slow} for n in names]
 
     monkeypatch.setattr(OnnxRuntimeBackend, "latency_exclusions", fake)
-    monkeypatch.setattr(OnnxRuntimeBackend, "graph_ms", lambda self, graph, attempts: [1.0, 2.0])
+    timings = []  # graphs per graph_ms call: the mix, the accuracy-chosen graph and the fp32 graph in one set of rounds
+
+    def timed(self, graph, attempts):
+        timings.append(len(attempts))
+        return [1.0, 2.0, 3.0][:len(attempts)]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "graph_ms", timed)
     assert calibrate(copy, "onnxruntime", data_dir, "--graphs", "vae_decoder") == 0
     art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]
     still_int8 = {n.name for n in quantized_nodes(onnx.load(str(copy / art["files"][0])))}
     assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & still_int8
-    assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32"}
-    assert art["versus_float"]["speedup"] == 2.0
-    assert "end to end on this CPU: INT8 1.0 ms vs fp32 2.0 ms (2.00x)" in (copy / "calibration" / "onnxruntime.md").read_text()
+    assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32", "float_ms": 3.0}
+    assert timings == [3] and art["versus_float"]["int8_ms"] == 1.0 and art["versus_float"]["speedup"] == 3.0
+    assert "end to end on this CPU: INT8 1.0 ms vs fp32 3.0 ms (3.00x faster)" in (copy / "calibration" / "onnxruntime.md").read_text()
 
 
 def test_openvino_int8_fake_quantize(copy, data_dir):
