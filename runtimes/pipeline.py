@@ -92,6 +92,9 @@ class Pipeline:
         for p in (precision.values() if isinstance(precision, dict) else [precision]):
             if p not in PRECISIONS:
                 raise BundleError(f"unknown precision {p!r}: choose one of {', '.join(PRECISIONS)}")
+            if backend == "torch" and p not in ("auto", "fp32"):  # not run as fp32 under another name
+                raise BundleError(f"precision {p!r}: backend 'torch' runs the model the bundle came from in fp32 (the "
+                                  "reference); the other precisions are exported graphs: use backend onnxruntime or openvino")
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=False)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads

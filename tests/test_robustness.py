@@ -306,6 +306,8 @@ def test_app_api_bad_inputs(bundle):
         ("generate: latents of the wrong shape", lambda: pipe.generate([0], latents=np.zeros((1, 128, 4, 4), np.float32)),
          "initial latents must be"),
         ("generate: unknown sampler", lambda: pipe.generate([0], sampler="ddim"), "does not apply"),
+        ("open: backend torch at int8 (it would run fp32)", lambda: open_bundle(bundle, backend="torch", precision="int8"),
+         "backend 'torch' runs the model the bundle came from in fp32"),
     ]
     for case, call, message in cases:
         with pytest.raises((BundleError, ValueError), match=message):
