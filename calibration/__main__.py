@@ -27,6 +27,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from dcae_edge.cli import at_least, fraction
 from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from export.common import LEAN_ABOVE_MB, summarize
 
@@ -60,9 +61,9 @@ def parse(argv=None):
                     help="OpenVINO: keep NNCF's SmoothQuant for the transformer (off by default: it cost accuracy here)")
     ap.add_argument("--palettize", type=int, choices=[4, 6, 8], default=None,
                     help="Core ML: k-means palettized weights (N bits) instead of int8 per-channel weights")
-    ap.add_argument("--num-samples", type=int, default=32, help="calibration feeds per graph")
-    ap.add_argument("--num-eval", type=int, default=8, help="held-out photos (transformer: feeds, whole trajectories)")
-    ap.add_argument("--steps", type=int, default=10, help="sampling steps of each recorded trajectory")
+    ap.add_argument("--num-samples", type=at_least(1), default=32, help="calibration feeds per graph")
+    ap.add_argument("--num-eval", type=at_least(1), default=8, help="held-out photos (transformer: feeds, whole trajectories)")
+    ap.add_argument("--steps", type=at_least(1), default=10, help="sampling steps of each recorded trajectory")
     ap.add_argument("--cfg-scale", type=float, default=None, help="guidance of the recorded trajectories (default: the "
                     "bundle recipe's, i.e. how the model samples)")
     ap.add_argument("--seed", type=int, default=0)
@@ -72,13 +73,13 @@ def parse(argv=None):
     g.add_argument("--encoder-min-cosine", type=float, default=0.99)
     g.add_argument("--transformer-min-cosine", type=float, default=0.99)
     g.add_argument("--max-e2e-drop", type=float, default=0.3, help="reconstruction PSNR drop vs the photos, dB")
-    g.add_argument("--max-rounds", type=int, default=6, help="sensitivity rounds (each adds twice as many nodes to those in float as the last: 1, 3, 7, ...)")
+    g.add_argument("--max-rounds", type=at_least(0), default=6, help="sensitivity rounds (each adds twice as many nodes to those in float as the last: 1, 3, 7, ...)")
     ap.add_argument("--skip-failed-graphs", action="store_true",
                     help="write the graphs that pass their gates and leave out (with a message) those that do not, "
                          "instead of writing nothing; the end-to-end gate still holds")
     ap.add_argument("--no-latency-aware", dest="latency_aware", action="store_false",
                     help="OpenVINO: quantize every op that passes the gate, even where INT8 is slower on this CPU")
-    g.add_argument("--max-excluded", type=float, default=0.5,
+    g.add_argument("--max-excluded", type=fraction, default=0.5,
                    help="at most this fraction of the quantized nodes may be kept in float")
     g.add_argument("--measure-minutes", type=float, default=30,
                    help="when the SQNR-ranked rounds miss a gate, score every node alone in float at the graph's output "

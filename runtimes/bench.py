@@ -19,12 +19,14 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.cli import at_least
 from dcae_edge.timing import time_calls
 
 from .precision import cpu_isa, cpu_model, mark_auto, openvino_hint, openvino_precisions
@@ -229,19 +231,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--runs", type=int, default=10, help="timed runs per configuration and round")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--runs", type=at_least(1), default=10, help="timed runs per configuration and round")
+    ap.add_argument("--rounds", type=at_least(1), default=3,
                     help="the bundle's configurations take turns this many times (a fresh process each); medians reported")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=30, help="denoising steps for the end-to-end estimate")
+    ap.add_argument("--warmup", type=at_least(0), default=3)
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--steps", type=at_least(1), default=30, help="denoising steps for the end-to-end estimate")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--cache", default=".cache/bench", type=Path)
     args = ap.parse_args(argv)
     from .backends import openvino_runs_bf16
-    from .pipeline import read_manifest
+    from .pipeline import BundleError, read_manifest
 
-    manifest = read_manifest(args.bundle)
+    try:
+        manifest = read_manifest(args.bundle)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     configs = []
     artifacts = bundle_configs(args.bundle, manifest)
     skip_bf16 = any(b == "openvino" for _, b, _, _ in artifacts) and not openvino_runs_bf16()

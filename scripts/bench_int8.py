@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dcae_edge.cli import at_least  # noqa: E402
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
@@ -317,9 +318,9 @@ def main(argv=None):
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--graphs", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/bench_int8"), help="writes OUT.json and OUT.md")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs per configuration, in all")
-    ap.add_argument("--rounds", type=int, default=5, help="the configurations of a graph take turns this many times")
+    ap.add_argument("--warmup", type=at_least(0), default=3)
+    ap.add_argument("--repeats", type=at_least(1), default=20, help="timed runs per configuration, in all")
+    ap.add_argument("--rounds", type=at_least(1), default=5, help="the configurations of a graph take turns this many times")
     ap.add_argument("--target", type=float, default=1.5, help="wanted INT8 speed-up over OpenVINO bf16 (decoder)")
     ap.add_argument("--store", action="store_true", help="store the timings in the bundle for this CPU (precision=auto)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the OpenVINO performance-counter breakdown")

@@ -543,6 +543,9 @@ def test_measured_rounds_find_the_nodes_that_reach_the_output():
 @pytest.mark.parametrize("argv, message", [
     (["--measure-minutes", "-1"], "--measure-minutes -1.0: give 0 (never) or a positive budget"),
     (["--backend", "onnxruntime", "--palettize", "6"], "--palettize only applies to --backend coreml"),
+    (["--max-excluded", "1.5"], "argument --max-excluded: 1.5: give a fraction above 0 and at most 1"),
+    (["--num-samples", "0"], "argument --num-samples: 0: give at least 1"),
+    (["--steps", "ten"], "argument --steps: 'ten' is not a whole number"),
 ])
 def test_flag_mistakes_are_named(tmp_path, capsys, argv, message):
     from calibration.__main__ import parse

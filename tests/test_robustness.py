@@ -484,6 +484,15 @@ def test_rough_edges_from_trying_it_as_a_user(models, bundle, tmp_path, capsys):
     res = cli("-c", block, "--weights", str(models / "ae.safetensors"), "--out", str(tmp_path / "ov"))
     assert res.returncode == 2 and "pip install 'dcae-edge[openvino]'" in res.stderr and "Traceback" not in res.stderr
     row("CLI", "export.openvino --help / run without openvino installed", "help works; exit 2: \"pip install 'dcae-edge[openvino]'\"")
+    # the benchmarks: a folder that is no bundle and a count of zero are usage errors, not a traceback or an empty table
+    res = cli("-m", "runtimes.bench", "--bundle", str(tmp_path / "none"), "--out", str(tmp_path / "bench"))
+    assert res.returncode == 2 and "has no manifest.json" in one_line_error(res) and "Traceback" not in res.stderr
+    res = cli("-m", "runtimes.bench", "--bundle", str(bundle), "--runs", "0", "--out", str(tmp_path / "bench"))
+    assert res.returncode == 2 and "argument --runs: 0: give at least 1" in res.stderr
+    res = cli(str(ROOT / "scripts" / "bench_int8.py"), "--bundle", str(bundle), "--repeats", "0", "--out", str(tmp_path / "i8"))
+    assert res.returncode == 2 and "argument --repeats: 0: give at least 1" in res.stderr
+    assert not list(tmp_path.glob("bench*")) and not list(tmp_path.glob("i8*"))
+    row("CLI", "runtimes.bench on a folder without a bundle / --runs 0; bench_int8 --repeats 0", "exit 2, one line each; nothing written")
 
 
 def test_truncated_executorch_program(copy, models):
