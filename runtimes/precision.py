@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -140,7 +141,9 @@ def choose(timings: dict[str, float], allowed: list[str]) -> tuple[str, str]:
     rank = lambda p: ACCURACY_ORDER.index(p) if p in ACCURACY_ORDER else len(ACCURACY_ORDER)  # noqa: E731
     best = min((p for p, t in usable.items() if t <= usable[fastest] * (1 + AUTO_TIE)), key=rank)
     others = ", ".join(f"{p} {t:.1f} ms" for p, t in sorted(usable.items(), key=lambda kv: kv[1]) if p != best)
-    why = f"{best} {usable[best]:.1f} ms" + (f" (vs {others})" if others else " (the only gated one)")
+    untimed = [p for p in allowed if p in timings and timings[p] is None]
+    why = f"{best} {usable[best]:.1f} ms" + (f" (vs {others})" if others else
+                                             f" ({', '.join(untimed)} could not be timed)" if untimed else " (the only gated one)")
     if best != fastest:
         why += f"; level with {fastest} within {AUTO_TIE:.0%}, and more accurate"
     return best, why
@@ -219,10 +222,41 @@ def probe(pipe_factory, manifest: dict, graph: str, precisions: list[str], runs:
     return out
 
 
+def usable_timings(entry) -> dict[str, float | None]:
+    """{precision: ms} from a stored benchmark or the probe cache, keeping only what a probe could have written:
+    a positive finite time, or None (could not be timed). Anything else (a hand edit, another version's form) is
+    dropped, so that precision is probed again instead of crashing the app or deciding on garbage."""
+    if not isinstance(entry, dict):
+        return {}
+    keep = {}
+    for p, v in entry.items():
+        if v is None:
+            keep[p] = None
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            keep[p] = float(v)
+    return keep
+
+
+def read_cache(path: Path) -> dict:
+    """The probe cache of one bundle on this CPU: {graph: {precision: ms}}; an unreadable file counts as empty
+    (probed again and rewritten), with a notice."""
+    if not path.is_file():
+        return {}
+    try:
+        cached = json.loads(path.read_text())
+        why = None if isinstance(cached, dict) else f"a JSON {type(cached).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = type(e).__name__
+    if why:
+        print(f"precision auto: ignoring the unreadable probe cache {path} ({why}); probing again", flush=True)
+        return {}
+    return {g: usable_timings(t) for g, t in cached.items()}
+
+
 def recorded_timings(manifest: dict, graph: str, backend: str) -> dict[str, float] | None:
     """Timings stored in the bundle by scripts/bench_int8.py, when made on this CPU model and ISA (cpu_key)."""
-    rec = (manifest.get("benchmarks") or {}).get(cpu_key(), {}).get(backend, {}).get(graph)
-    return {p: float(v) for p, v in rec.items()} if rec else None
+    rec = usable_timings((manifest.get("benchmarks") or {}).get(cpu_key(), {}).get(backend, {}).get(graph))
+    return rec or None
 
 
 def resolve(manifest: dict, graph: str, backend: str, fmt: str, threads: int | None, pipe_factory,
@@ -238,7 +272,7 @@ def resolve(manifest: dict, graph: str, backend: str, fmt: str, threads: int | N
     source = "benchmark stored in the bundle"
     if timings is None:
         path = cache_path(manifest, backend, fmt, threads)
-        cached = json.loads(path.read_text()) if path.is_file() else {}
+        cached = read_cache(path)
         timings = cached.get(graph)
         source = "cached probe"
         # probe what is not timed yet (all of it the first time; a candidate a newer version added later)

@@ -189,6 +189,20 @@ def test_auto_probes_once_caches_per_cpu_and_reads_stored_benchmarks(tmp_path, m
     monkeypatch.setattr(P, "probe", lambda *a, **k: pytest.fail("probed again despite the cache"))
     assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == picked
     assert "cached probe" in capsys.readouterr().out
+    # a damaged cache is probed again, not a crash: unreadable JSON, then one entry no probe could have written
+    probed = []
+
+    def fake_probe(factory, manifest, graph, missing):
+        probed.append(sorted(missing))
+        return {p: 5.0 for p in missing}
+
+    monkeypatch.setattr(P, "probe", fake_probe)
+    cached[0].write_text('{"vae_decoder": {"fp32": 3.0')
+    assert open_bundle(tmp_path / "b").precision_of("vae_decoder") in ("fp32", "fp16") and probed == [["fp16", "fp32"]]
+    assert "ignoring the unreadable probe cache" in capsys.readouterr().out
+    cached[0].write_text(json.dumps({"vae_decoder": {"fp32": "fast", "fp16": 2.0}}))
+    assert open_bundle(tmp_path / "b").precision_of("vae_decoder") == "fp16" and probed[-1] == ["fp32"]
+    assert json.loads(cached[0].read_text()) == {"vae_decoder": {"fp16": 2.0, "fp32": 5.0}}
     # timings stored in the bundle for this CPU win over any probe
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     other = "fp16" if picked == "fp32" else "fp32"
