@@ -159,6 +159,9 @@ def openvino_runs_bf16(device: str = "CPU") -> bool:
     return _BF16[device]
 
 
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # OpenVINO devices that pick or combine real ones
+
+
 class OpenVinoGraph:
     """OpenVINO compiled model. ``hint`` is INFERENCE_PRECISION_HINT: f32 for exact parity; bf16 is
     this CPU's fast default and must be asked for explicitly here. A dynamic IR is compiled per input
@@ -168,8 +171,13 @@ class OpenVinoGraph:
                  static: bool = True):
         ov = _require("openvino", "openvino", "openvino")
         self.core = ov.Core()
-        model = self.core.read_model(str(path))
         self.device, self.config = device.upper(), openvino_config(hint, threads)
+        have = self.core.available_devices
+        if self.device.split(":")[0] not in VIRTUAL_DEVICES and not {self.device, self.device.split(".")[0]} & \
+                {d for name in have for d in (name, name.split(".")[0])}:
+            raise RuntimeUnavailable(f"OpenVINO has no {self.device} device on this machine (it has {', '.join(have)}); "
+                                     "device='cpu' runs everywhere")
+        model = self.core.read_model(str(path))
         self.per_shape = static and compiles_per_shape(model)
         self._model = model if self.per_shape else None
         self._by_shape: dict[tuple, _Compiled] = {}  # insertion order = age

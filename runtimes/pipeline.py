@@ -77,6 +77,10 @@ def verify_files(path: Path, manifest: dict, files: list[str]) -> None:
                               "copy the bundle again or re-export it")
 
 
+# the devices a backend takes by name (OpenVINO: any device its Core has, checked when a graph is compiled)
+DEVICES = {"onnxruntime": ("cpu", "cuda"), "coreml": ("cpu",), "executorch": ("cpu",)}
+
+
 class Pipeline:
     def __init__(self, bundle: str | Path, backend: str = "onnxruntime", precision: str = "auto", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, tile_overlap: float = 0.25, weights: str | None = None,
@@ -95,8 +99,16 @@ class Pipeline:
             if backend == "torch" and p not in ("auto", "fp32"):  # not run as fp32 under another name
                 raise BundleError(f"precision {p!r}: backend 'torch' runs the model the bundle came from in fp32 (the "
                                   "reference); the other precisions are exported graphs: use backend onnxruntime or openvino")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise BundleError(f"threads={threads!r}: give a count >= 1, or None for the runtime's default")
+        if backend in DEVICES and device not in DEVICES[backend]:  # not a silent run on the CPU under another name
+            raise BundleError(f"device={device!r}: backend {backend!r} runs on {' or '.join(map(repr, DEVICES[backend]))}"
+                              + ("; other accelerators through providers=[...]" if backend == "onnxruntime" else ""))
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=False)
+        if isinstance(precision, dict) and set(precision) - set(self.manifest["graphs"]):
+            raise BundleError(f"precision for {', '.join(sorted(set(precision) - set(self.manifest['graphs'])))}: "
+                              f"{self.path} has no such graph; it holds {', '.join(self.manifest['graphs'])}")
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
         self.verify = verify
         self.weights = weights  # torch backend only: where the exported weights are

@@ -285,7 +285,7 @@ def test_external_data_outside_the_bundle_is_refused(copy, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- app API inputs
 def test_app_api_bad_inputs(bundle):
-    from runtimes import BundleError, open_bundle
+    from runtimes import BundleError, RuntimeUnavailable, open_bundle
 
     pipe = open_bundle(bundle)
     cases = [
@@ -308,9 +308,17 @@ def test_app_api_bad_inputs(bundle):
         ("generate: unknown sampler", lambda: pipe.generate([0], sampler="ddim"), "does not apply"),
         ("open: backend torch at int8 (it would run fp32)", lambda: open_bundle(bundle, backend="torch", precision="int8"),
          "backend 'torch' runs the model the bundle came from in fp32"),
+        ("open: a precision for a graph the bundle lacks", lambda: open_bundle(bundle, precision={"transformr": "int8"}),
+         "precision for transformr: .* has no such graph"),
+        ("open: threads=-2", lambda: open_bundle(bundle, threads=-2), "give a count >= 1"),
+        ("open: onnxruntime on device 'gpu' (it would run on the CPU)", lambda: open_bundle(bundle, device="gpu"),
+         "backend 'onnxruntime' runs on 'cpu' or 'cuda'"),
+        ("open: OpenVINO on a device this machine lacks",
+         lambda: open_bundle(bundle, backend="openvino", precision="fp32", device="FPGA").decode(np.zeros((1, 128, 2, 2), np.float32)),
+         "OpenVINO has no FPGA device on this machine \\(it has CPU"),
     ]
     for case, call, message in cases:
-        with pytest.raises((BundleError, ValueError), match=message):
+        with pytest.raises((BundleError, ValueError, RuntimeUnavailable), match=message):
             call()
         row("app API", case, f"error: '{message.replace(chr(92), '')}'")
 
