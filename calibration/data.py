@@ -41,6 +41,10 @@ GRAPH_ORDER = ("vae_encoder", "vae_decoder", "transformer")
 DEFAULT_DATA = Path("data/photos/calibration")
 DEFAULT_EVAL = Path("data/photos/eval")
 PHOTOS_HINT = "build the photo set with `python -m dcae_edge.photos --out data/photos`, or pass --data DIR"
+
+
+def photos_hint(held_out: bool) -> str:
+    return PHOTOS_HINT.replace("--data", "--eval-data") if held_out else PHOTOS_HINT
 EVAL_SEED_OFFSET = 10_000  # held-out trajectories never share a seed with calibration ones
 
 
@@ -139,11 +143,11 @@ def load_photos(folder: Path | None, size: int, n: int, seed: int, held_out: boo
                       "INT8", stacklevel=2)
         print(f"  calibration photos: {DEFAULT_DATA} not found, using crops of the 4 packaged photos (a small set)")
     if not root.is_dir():
-        raise CalibrationError(f"photo folder {root} does not exist; {PHOTOS_HINT}")
+        raise CalibrationError(f"photo folder {root} does not exist; {photos_hint(held_out)}")
     try:
         imgs = ImageFolder(root, min_side=64, max_side=max(768, size))
     except ValueError as e:
-        raise CalibrationError(f"{e}; {PHOTOS_HINT}") from None
+        raise CalibrationError(f"{e}; {photos_hint(held_out)}") from None
     if held_out:
         crops = imgs.eval_crops(size, limit=n)
     else:

@@ -46,10 +46,29 @@ def pin_threads(n: int) -> list[int]:
     return cpus
 
 
+def read_latents(path: Path, manifest: dict) -> np.ndarray:
+    """--decoder-latents: N x C x h x w finite latents of the bundle's channel count, else a one-line error."""
+    key = "vae_decoder.latent_sample"
+    try:
+        with np.load(path) as npz:
+            if key not in npz.files:
+                raise SystemExit(f"error: --decoder-latents {path} has no {key} array (it has {', '.join(npz.files) or 'none'})")
+            z = npz[key].astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --decoder-latents {path}: {e}") from None
+    c = manifest["autoencoder"]["config"]["latent_channels"]
+    if z.ndim != 4 or z.shape[1] != c or not len(z):
+        raise SystemExit(f"error: --decoder-latents {path}: {key} has shape {list(z.shape)}; the decoder takes N x {c} x h x w")
+    if not np.isfinite(z).all():
+        raise SystemExit(f"error: --decoder-latents {path}: {key} holds NaN/Inf values")
+    return z
+
+
 def example_inputs(manifest: dict, bundle: Path, decoder_latents: Path | None = None) -> dict[str, dict]:
     """Real inputs per graph at the bundle's export shapes. A decoder-only bundle decodes a latent of
-    ``decoder_latents`` (an .npz as calibration's --data: ``vae_decoder.latent_sample``; one it held out), else a standard normal
-    one (which INT8 calibrated on real latents may clip: the PSNR column then says little)."""
+    ``decoder_latents`` (an .npz as calibration's --data: ``vae_decoder.latent_sample``; one it held out; used wherever it
+    is given), else the encoder's latent of a photo, else a standard normal one (which INT8 calibrated on real latents may
+    clip: the PSNR column then says little)."""
     from calibration.data import graph_sizes
     from dcae_edge.data import sample_photos
     from export.onnx import ort_runner
@@ -62,11 +81,11 @@ def example_inputs(manifest: dict, bundle: Path, decoder_latents: Path | None = 
         feeds["vae_encoder"] = {"sample": photo}
         enc = graphs.get("vae_encoder", {}).get("artifacts", {}).get("onnx/fp32")
         if "vae_decoder" in graphs:
-            if enc:
-                latent = ort_runner(bundle / enc["files"][0])({"sample": photo})[0]
-            elif decoder_latents:
-                given = np.load(decoder_latents)["vae_decoder.latent_sample"].astype(np.float32)
+            if decoder_latents:  # asked for by name: used even where the bundle has an encoder
+                given = read_latents(decoder_latents, manifest)
                 latent = given[3::4] if len(given) >= 4 else given  # the ones calibration held out
+            elif enc:
+                latent = ort_runner(bundle / enc["files"][0])({"sample": photo})[0]
             else:
                 f, c = manifest["autoencoder"]["spatial_compression"], manifest["autoencoder"]["config"]["latent_channels"]
                 latent = np.random.default_rng(0).standard_normal((1, c, res // f, res // f)).astype(np.float32)

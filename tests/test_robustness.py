@@ -499,8 +499,13 @@ def test_rough_edges_from_trying_it_as_a_user(models, bundle, tmp_path, capsys):
     assert res.returncode == 2 and "argument --runs: 0: give at least 1" in res.stderr
     res = cli(str(ROOT / "scripts" / "bench_int8.py"), "--bundle", str(bundle), "--repeats", "0", "--out", str(tmp_path / "i8"))
     assert res.returncode == 2 and "argument --repeats: 0: give at least 1" in res.stderr
+    np.savez(tmp_path / "latents.npz", **{"vae_decoder.latent_sample": np.zeros((4, 32, 2, 2), np.float32)})
+    res = cli(str(ROOT / "scripts" / "bench_int8.py"), "--bundle", str(bundle), "--decoder-latents", str(tmp_path / "latents.npz"),
+              "--out", str(tmp_path / "i8"))
+    assert res.returncode == 1 and "has shape [4, 32, 2, 2]; the decoder takes N x 128 x h x w" in one_line_error(res)
     assert not list(tmp_path.glob("bench*")) and not list(tmp_path.glob("i8*"))
-    row("CLI", "runtimes.bench on a folder without a bundle / --runs 0; bench_int8 --repeats 0", "exit 2, one line each; nothing written")
+    row("CLI", "runtimes.bench on a folder without a bundle / --runs 0; bench_int8 --repeats 0 / latents of the wrong shape",
+        "exit 2 (1), one line each; nothing written")
 
 
 def test_truncated_executorch_program(copy, models):
