@@ -30,3 +30,14 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value}: give a fraction above 0 and at most 1")
     return value
+
+
+def non_negative(text: str) -> float:
+    """A number >= 0 (sizes in MB: 0 means every graph)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{value}: give 0 or more")
+    return value

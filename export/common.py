@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.cli import at_least
 from dcae_edge.compare import compare, describe, passes
 
 from .bundle import BundleError, new_manifest, read_manifest
@@ -37,7 +38,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                          "weights; 'random' = random init")
     ap.add_argument("--denoiser", default=None, help="denoiser .safetensors (default: the bundled one when it fits); 'none' to skip")
     ap.add_argument("--out", default=None, help="bundle folder (default exports/<variant>)")
-    ap.add_argument("--resolution", type=int, default=None, help="export resolution in pixels (default 512)")
+    ap.add_argument("--resolution", type=at_least(1), default=None, help="export resolution in pixels (default 512)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--static", action="store_true", help="fixed shapes: batch 1 (denoiser: 2 for CFG), one resolution")
     g.add_argument("--dynamic", action="store_true", help="dynamic batch, height, width (default)")

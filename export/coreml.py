@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dcae_edge.cli import at_least
+
 from .bundle import bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from .common import (ExportError, ValidationFailed, add_common_args, build_specs, default_out, export_sizes, load_models, notice,
                      prepare_manifest, resolve_resolution, run_cli, summarize, validate)
@@ -286,7 +288,7 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  conflict_handler="resolve")
     add_common_args(ap)
-    ap.add_argument("--resolution", type=int, nargs="+", default=None,
+    ap.add_argument("--resolution", type=at_least(1), nargs="+", default=None,
                     help="export resolution(s) in pixels; the first is the bundle's, each further one adds "
                          "vae_*/model_<res>.mlpackage (default 512)")
     ap.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dcae_edge.cli import non_negative
+
 from .bundle import bundle_transaction, fresh, package_versions, record_artifact, write_manifest
 from .common import (LEAN_ABOVE_MB, ExportError, ValidationFailed, add_common_args, build_specs, default_out,
                      export_sizes, exports_lean, load_models, notice, prepare_manifest, release_unused_encoder,
@@ -337,7 +339,7 @@ def parse(argv=None):
                     help="torchscript (default: 3.5x faster here, fewer nodes, same parity) or dynamo (torch.export)")
     ap.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (validated: PSNR >= 40 dB)")
     ap.add_argument("--no-simplify", action="store_true")
-    ap.add_argument("--external-data-above", type=float, default=LEAN_ABOVE_MB, metavar="MB",
+    ap.add_argument("--external-data-above", type=non_negative, default=LEAN_ABOVE_MB, metavar="MB",
                     help="graphs with more weights than this export lean: dynamo streaming one external-data file, "
                          "no simplifier, torch weights freed before validation (default 1024 MB; always above 2 GB)")
     ap.add_argument("--simplifier", choices=["onnxslim", "onnxsim"], default="onnxslim")

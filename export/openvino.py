@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dcae_edge.cli import non_negative
 from dcae_edge.timing import time_calls
 
 from .bundle import bundle_transaction, package_versions, record_artifact, write_manifest
@@ -240,7 +241,7 @@ def parse(argv=None):
     add_common_args(ap)
     ap.add_argument("--fp16-weights", action="store_true",
                     help="store weights as fp16 (half the .bin; the CPU still computes in f32/bf16)")
-    ap.add_argument("--lean-above", type=float, default=LEAN_ABOVE_MB, metavar="MB",
+    ap.add_argument("--lean-above", type=non_negative, default=LEAN_ABOVE_MB, metavar="MB",
                     help="graphs with more weights (default: %(default)s MB) convert through a temporary ONNX file "
                          "(dynamo, external data) after their torch references are computed and their torch weights "
                          "freed: a fraction of the memory of tracing inside ov.convert_model")

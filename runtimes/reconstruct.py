@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.cli import at_least
+
 from .images import IMAGE_SUFFIXES, expand_inputs, load_image, out_paths, save_grid
 from .pipeline import BundleError, open_bundle
 
@@ -26,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", help="auto (fastest gated artifact on this CPU) | fp32 | fp16 | bf16 (openvino) | int8 | int8-bf16 (openvino: INT8 with the rest in bf16)")
     ap.add_argument("--format", default="onnx", help="onnx | ort | ort-runtime (onnxruntime only)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--size", type=int, default=None, help="centre-crop/resize to this size (default: the bundle's)")
+    ap.add_argument("--size", type=at_least(1), default=None, help="centre-crop/resize to this size (default: the bundle's)")
     ap.add_argument("--tile", type=int, default=None, help="tile size in px for images larger than the graph")
     ap.add_argument("--out", "--out-dir", dest="out", default="reconstructions",
                     help=f"a file ({', '.join(sorted(IMAGE_SUFFIXES))}) for one input, else a folder")

@@ -534,3 +534,22 @@ def test_calibration_without_photos_falls_back_to_the_packaged_ones(copy, tmp_pa
     assert "using crops of the 4 packaged photos (a small set)" in res.stdout
     row("out of the box", "calibration with no data/photos and no --data", "exit 0 on crops of the 4 packaged photos, "
         "with a warning that the set is small")
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("export.onnx", ["--resolution", "0"], "argument --resolution: 0: give at least 1"),
+    ("export.onnx", ["--external-data-above", "-5"], "argument --external-data-above: -5.0: give 0 or more"),
+    ("export.openvino", ["--lean-above", "-1"], "argument --lean-above: -1.0: give 0 or more"),
+    ("runtimes.bench", ["--bundle", "b", "--rounds", "0"], "argument --rounds: 0: give at least 1"),
+    ("runtimes.reconstruct", ["--bundle", "b", "--size", "0", "x.jpg"], "argument --size: 0: give at least 1"),
+])
+def test_out_of_range_flags_are_usage_errors(module, argv, message, capsys):
+    """Counts and sizes out of range stop at the command line (exit 2, the flag named) instead of running with a
+    default (export --resolution 0 exported at 512) or running empty (bench --runs 0)."""
+    import importlib
+
+    cli_module = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        getattr(cli_module, "parse", cli_module.main)(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    row("CLI", f"{module} {' '.join(argv)}", f"exit 2: '{message}'")
