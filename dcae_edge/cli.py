@@ -1,43 +1,29 @@
-"""argparse types for counts and fractions, torch-free (runtimes, calibration and scripts share them): a
-flag out of range is a usage error naming the flag, not an empty benchmark or a loop that never runs."""
+"""argparse types for counts, fractions and sizes, torch-free (runtimes, export, calibration and scripts share
+them): a flag out of range is a usage error naming the flag, not a silent default, an empty benchmark or a loop
+that never runs."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
+def _number(cast: type, ok: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: give at least {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if cast is int else 'number'}") from None
+        if not ok(value):  # NaN fails every check
+            raise argparse.ArgumentTypeError(f"{value}: {wanted}")
         return value
 
     return parse
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value}: give a fraction above 0 and at most 1")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer >= ``minimum``."""
+    return _number(int, lambda v: v >= minimum, f"give at least {minimum}")
 
 
-def non_negative(text: str) -> float:
-    """A number >= 0 (sizes in MB: 0 means every graph)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"{value}: give 0 or more")
-    return value
+fraction = _number(float, lambda v: 0 < v <= 1, "give a fraction above 0 and at most 1")  # in (0, 1]
+non_negative = _number(float, lambda v: v >= 0, "give 0 or more")  # sizes in MB: 0 means every graph
