@@ -156,12 +156,13 @@ def calibrate_graph(backend, graph: str, calib: FeedSet, held: FeedSet, gates: G
                                         lambda attempt: backend.rank(graph, attempt, rank_feeds(calib, held)), describe,
                                         args.max_rounds, args.max_excluded, measure,
                                         args.measure_minutes * 60)
-    timed = outcome.gate["pass"] and args.latency_aware and hasattr(backend, "float_attempt")
-    base = float_baseline(backend, graph) if timed else None
-    if outcome.gate["pass"] and args.latency_aware and hasattr(backend, "latency_exclusions"):
-        outcome = latency_refine(backend, graph, outcome, evaluate, describe, base)
-    if timed:
-        outcome.attempt.extra["versus_float"] = versus_float(backend, graph, outcome.attempt, base)
+    if outcome.gate["pass"] and args.latency_aware:
+        timed = hasattr(backend, "float_attempt")
+        base = float_baseline(backend, graph) if timed else None
+        if hasattr(backend, "latency_exclusions"):
+            outcome = latency_refine(backend, graph, outcome, evaluate, describe, base)
+        if timed:
+            outcome.attempt.extra["versus_float"] = versus_float(backend, graph, outcome.attempt, base)
     if outcome.gate["pass"] and hasattr(backend, "bf16_run"):
         outcome.attempt.extra["validation_bf16"] = bf16_remainder_check(backend, graph, outcome.attempt, gates, reference,
                                                                         held, describe)
