@@ -27,7 +27,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from dcae_edge.cli import at_least, fraction
+from dcae_edge.cli import at_least, fraction, short_warnings
 from export.bundle import BundleError, bundle_transaction, package_versions, read_manifest, record_artifact, write_manifest
 from export.common import LEAN_ABOVE_MB, summarize
 
@@ -226,14 +226,14 @@ def latency_refine(backend, graph: str, outcome: Outcome, evaluate, describe, ba
     if mix_ms >= plain_ms and not tie:
         print(f"    latency: the mix is no faster end to end ({mix_ms:.2f} vs {plain_ms:.2f} ms at {check['hint']}); "
               "keeping the accuracy-chosen INT8 graph", flush=True)
-        outcome.attempt.extra["latency_check"] = check
+        outcome.attempt.extra["latency_check"] = {**check, "chosen_ms": plain_ms}
         outcome.attempt.extra["layer_latency"] = [{**r, "int8": True} for r in rows]  # the saved graph runs them in INT8
         return outcome
     if tie:
         check["tie"] = f"level within {AUTO_TIE:.0%}; the mix is more accurate ({gate['value']:.5g} vs {outcome.gate['value']:.5g} {gate.get('metric', '')})"
     print(f"    latency: end to end at {check['hint']}: the mix {mix_ms:.2f} ms vs {plain_ms:.2f} ms for the accuracy-chosen INT8 graph"
           + (f" ({check['tie']}: kept)" if tie else ""), flush=True)
-    attempt.extra["latency_check"] = check
+    attempt.extra["latency_check"] = {**check, "chosen_ms": mix_ms}
     attempt.extra["layer_latency"] = rows
     attempt.extra["kept_float_for_speed"] = slow
     return Outcome(attempt, gate, outcome.excluded, outcome.ranking,
@@ -258,8 +258,7 @@ def versus_float(backend, graph: str, attempt, base) -> dict:
         return {"skipped": f"{size / 1e9:.1f} GB of weights: timed by scripts/bench_int8.py instead"}
     check = attempt.extra.get("latency_check") or {}
     if "float_ms" in check:  # this attempt was timed with the float graph in the latency pass's rounds
-        int8_ms = check["mix_ms"] if attempt.extra.get("kept_float_for_speed") else check["accuracy_chosen_ms"]
-        float_ms = check["float_ms"]
+        int8_ms, float_ms = check["chosen_ms"], check["float_ms"]
     else:
         int8_ms, float_ms = backend.graph_ms(graph, [attempt, base])
     base.release()
@@ -359,6 +358,7 @@ def main(argv=None):
 
 def run_cli(argv=None) -> int:
     """Exit codes: 0 ok, 1 a gate failed, 2 bad input; the bundle is untouched unless 0."""
+    short_warnings()
     try:
         main(argv)
         return 0

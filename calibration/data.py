@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -236,24 +237,34 @@ def _load(path: Path) -> FeedSet:
 
 
 # ----------------------------------------------------------------------------- user-supplied arrays
-def file_sets(path: Path | None, manifest: dict) -> dict[str, FeedSet]:
-    """``--data file.npz``: ``<graph>.<input>`` arrays (N x input shape) -> calibration sets."""
+def file_sets(path: Path | None, manifest: dict, flag: str = "--data") -> dict[str, FeedSet]:
+    """``--data file.npz``: ``<graph>.<input>`` arrays (N x input shape) -> calibration sets (``flag``:
+    the option the file came from, for the messages)."""
     if path is None or Path(path).is_dir():
         return {}
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"--data {path} does not exist; {PHOTOS_HINT}")
+        raise CalibrationError(f"{flag} {path} does not exist" + (f"; {PHOTOS_HINT}" if flag == "--data" else ""))
     if path.suffix != ".npz":
-        raise CalibrationError(f"--data {path}: expected a photo folder or a .npz of <graph>.<input> arrays")
+        raise CalibrationError(f"{flag} {path}: expected " + ("a photo folder or " if flag == "--data" else "")
+                               + "a .npz of <graph>.<input> arrays")
     out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as z:
-        for key in z.files:
-            graph, _, name = key.partition(".")
-            out.setdefault(graph, {})[name] = z[key]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                graph, _, name = key.partition(".")
+                out.setdefault(graph, {})[name] = z[key]
+    except (ValueError, zipfile.BadZipFile):  # a truncated or foreign file (numpy then guesses "pickled data")
+        raise CalibrationError(f"{flag} {path} is not a readable .npz archive of arrays (truncated, or another format)") from None
+    except OSError as e:
+        raise CalibrationError(f"{flag} {path}: {e}") from None
     sets = {}
     for graph, arrays in out.items():
         if graph not in manifest["graphs"]:
-            raise CalibrationError(f"--data {path}: arrays for {graph!r}, which this bundle does not have")
+            raise CalibrationError(f"{flag} {path}: arrays for {graph!r}, which this bundle does not have")
+        scalars = [n for n, a in arrays.items() if np.ndim(a) == 0]
+        if scalars:
+            raise CalibrationError(f"{flag} {path}: {graph}.{scalars[0]} is a single value; expected N x the input's shape")
         count = min(len(a) for a in arrays.values()) if arrays else 0
         ranks = {t["name"]: len(t["shape"]) for t in manifest["graphs"][graph]["inputs"]}
 

@@ -27,3 +27,25 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 fraction = _number(float, lambda v: 0 < v <= 1, "give a fraction above 0 and at most 1")  # in (0, 1]
 non_negative = _number(float, lambda v: v >= 0, "give 0 or more")  # sizes in MB: 0 means every graph
+
+
+OWN_PACKAGES = ("dcae_edge", "export", "calibration", "runtimes", "scripts")
+
+
+def short_warnings() -> None:
+    """A CLI's own warnings as one line, "warning: ...", instead of Python's file:line and the source line
+    that raised it (which reads like a crash to someone running a command); other packages' warnings keep
+    Python's format, where the location helps."""
+    import warnings
+    from pathlib import Path
+
+    root, default = Path(__file__).resolve().parents[1], warnings.formatwarning
+
+    def format(message, category, filename, lineno, line=None):
+        try:
+            own = Path(filename).resolve().relative_to(root).parts[0] in OWN_PACKAGES
+        except (ValueError, IndexError):
+            own = False
+        return f"warning: {message}\n" if own and issubclass(category, UserWarning) else default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format

@@ -85,6 +85,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="results/eval")
     args = ap.parse_args(argv)
+    if not args.generator and args.data != "bundled" and not Path(args.data).is_dir():  # before any model loads
+        ap.error(f"--data {args.data}: no such folder; build one with `python -m dcae_edge.photos --out data/photos`, "
+                 "or pass --data bundled (the 4 packaged photos)")
     if args.generator:
         out = Path(args.out if args.out != "results/eval" else "results/generator")
         evaluate_generator(args.generator, args.per_class, args.steps, args.cfg, out)

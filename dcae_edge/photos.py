@@ -296,8 +296,11 @@ def main(argv=None):
     ap.add_argument("--min-side", type=int, default=256, help="skip images whose short side is smaller")
     ap.add_argument("--no-debian", action="store_true", help="only the images shipped in PyPI packages")
     args = ap.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    m = assemble(args.out, args.max_side, args.min_side, debian=not args.no_debian)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        m = assemble(args.out, args.max_side, args.min_side, debian=not args.no_debian)
+    except OSError as e:  # an unwritable --out, a full disk
+        raise SystemExit(f"error: could not write {args.out}: {e.strerror or e}") from None
     print(f"wrote {args.out}: {m['counts']}, skipped {len(m['skipped'])} (see manifest.json)")
 
 

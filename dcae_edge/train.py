@@ -92,6 +92,11 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- which layers train
+class SetupError(ValueError):
+    """A run that cannot start as asked (data, --init, a checkpoint of another configuration): raised
+    before the first step, so the CLI reports it in one line."""
+
+
 def trainable_prefixes(model: DCAE, phase: int, middle_stages: int = 1, head_stages: int = 1) -> list[str]:
     """Module-name prefixes trained in each phase."""
     enc_stages = [i for i, d in enumerate(model.config.encoder_layers_per_block) if d > 0]
@@ -100,16 +105,16 @@ def trainable_prefixes(model: DCAE, phase: int, middle_stages: int = 1, head_sta
         return [""]
     if phase == 2:  # latent interface: encoder head + decoder input and the deepest stages around the latent
         if middle_stages > len(enc_stages) or middle_stages > len(dec_stages):
-            raise ValueError(f"--middle-stages {middle_stages} exceeds the model's {len(enc_stages)} stages")
+            raise SetupError(f"--middle-stages {middle_stages} exceeds the model's {len(enc_stages)} stages")
         return (["encoder.conv_out."] + [f"encoder.down_blocks.{i}." for i in enc_stages[len(enc_stages) - middle_stages:]]
                 + ["decoder.conv_in."] + [f"decoder.up_blocks.{i}." for i in dec_stages[len(dec_stages) - middle_stages:]])
     if phase == 3:  # decoder head: output norm/conv and the shallowest stages
         if head_stages > len(dec_stages):
-            raise ValueError(f"--head-stages {head_stages} exceeds the decoder's {len(dec_stages)} stages")
+            raise SetupError(f"--head-stages {head_stages} exceeds the decoder's {len(dec_stages)} stages")
         head = ["decoder.norm_out.", "decoder.conv_out."] + [f"decoder.up_blocks.{i}." for i in dec_stages[:head_stages]]
         # a head that spans every stage is the whole decoder (latent space and encoder stay fixed)
         return head + (["decoder.conv_in."] if head_stages == len(dec_stages) else [])
-    raise ValueError(f"phase must be 1, 2 or 3, got {phase}")
+    raise SetupError(f"phase must be 1, 2 or 3, got {phase}")
 
 
 def load_arch(name: str):
@@ -128,7 +133,7 @@ def set_trainable(model: DCAE, prefixes: list[str]) -> list[str]:
         if p.requires_grad:
             names.append(n)
     if not names:
-        raise ValueError(f"no parameter matches the trainable prefixes {prefixes}")
+        raise SetupError(f"no parameter matches the trainable prefixes {prefixes}")
     return names
 
 
@@ -162,7 +167,7 @@ class ReconstructionLoss(nn.Module):
     def __init__(self, kind: str, weight: float, device, pixel: str = "l1"):
         super().__init__()
         if pixel not in ("l1", "mse"):
-            raise ValueError(f"--pixel-loss must be l1 or mse, got {pixel!r}")
+            raise SetupError(f"--pixel-loss must be l1 or mse, got {pixel!r}")
         self.pixel = pixel
         self.weight = weight
         self.lpips = None
@@ -194,11 +199,13 @@ def lr_at(step: int, base_lr: float, cfg: TrainConfig) -> float:
         frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
     if cfg.lr_schedule != "constant":
-        raise ValueError(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+        raise SetupError(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     return base_lr
 
 
 def train(cfg: TrainConfig) -> dict:
+    if cfg.lr_schedule not in ("constant", "cosine"):  # else it would first fail after the warmup steps
+        raise SetupError(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
     if device.type == "cuda" and dist_info.world > 1:
@@ -211,11 +218,11 @@ def train(cfg: TrainConfig) -> dict:
     init = cfg.init or ("" if cfg.phase == 1 else str(Path(cfg.out) / f"phase{cfg.phase - 1}" / "model.safetensors"))
     if init:
         if not Path(init).is_file():
-            raise FileNotFoundError(f"phase {cfg.phase} starts from {init}, which does not exist: run phase "
+            raise SetupError(f"phase {cfg.phase} starts from {init}, which does not exist: run phase "
                                     f"{cfg.phase - 1} first with the same --out, or pass --init")
         model = _load_ours(Path(init))
         if model.config.name != load_arch(cfg.model).name or model.config.residual_autoencoding == cfg.plain:
-            raise ValueError(f"{init} holds {model.config.name} (residual={model.config.residual_autoencoding}); "
+            raise SetupError(f"{init} holds {model.config.name} (residual={model.config.residual_autoencoding}); "
                              f"this run asks for {cfg.model} (plain={cfg.plain})")
     else:
         torch.manual_seed(cfg.seed)
@@ -241,7 +248,10 @@ def train(cfg: TrainConfig) -> dict:
                             betas=PHASE_DEFAULTS[cfg.phase]["betas"])
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     ema = EMA(model, cfg.ema_decay)
-    data = ImageFolder(cfg.data, min_side=min(res, 256), max_side=max(cfg.max_side, res)).to(device)
+    try:
+        data = ImageFolder(cfg.data, min_side=min(res, 256), max_side=max(cfg.max_side, res)).to(device)
+    except (FileNotFoundError, ValueError) as e:  # no folder, or no usable image in it
+        raise SetupError(f"--data: {e}") from None
 
     # resume
     run_key = {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -253,7 +263,7 @@ def train(cfg: TrainConfig) -> dict:
         ck = load_training_checkpoint(ckpt_path)
         saved_key = json.loads(ck["run_key"])
         if config_fingerprint(saved_key) != config_fingerprint(run_key):
-            raise ValueError(f"{ckpt_path} belongs to another configuration ({describe_mismatch(saved_key, run_key)}); "
+            raise SetupError(f"{ckpt_path} belongs to another configuration ({describe_mismatch(saved_key, run_key)}); "
                              "use another --out, or delete the checkpoint to start this phase over")
         unwrap(model).load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
@@ -376,7 +386,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except SetupError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

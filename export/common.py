@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcae_edge.cli import at_least
+from dcae_edge.cli import at_least, short_warnings
 from dcae_edge.compare import compare, describe, passes
 
 from .bundle import BundleError, new_manifest, read_manifest
@@ -388,6 +388,7 @@ def prepare_manifest(stage: Path, variant: str, res: int, dynamic: bool, ae_info
 
 def run_cli(main_fn, argv=None) -> int:
     """Exit codes: 0 ok, 1 validation failed, 2 bad input. Nothing half-written either way."""
+    short_warnings()
     try:
         main_fn(argv)
         return 0

@@ -190,10 +190,11 @@ class OpenVinoGraph:
         self.input_shapes = {p.get_any_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
                              for p in model.inputs}
         self.provider = f"openvino:{self.device}:{hint}"
-        if hint == "bf16" and not openvino_runs_bf16(self.device):
+        self.bf16_as_f32 = hint == "bf16" and not openvino_runs_bf16(self.device)
+        if self.bf16_as_f32:
             import warnings
 
-            warnings.warn(f"{path.name}: bf16 asked for, but this {self.device} has no native bf16: OpenVINO runs it in f32 "
+            warnings.warn(f"{path.parent.name}/{path.name}: bf16 asked for, but this {self.device} has no native bf16: OpenVINO runs it in f32 "
                           "(the same as precision fp32 / int8 here)", stacklevel=2)
             self.provider = f"openvino:{self.device}:f32 (bf16 asked; no native bf16)"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcae_edge.cli import at_least
+from dcae_edge.cli import at_least, short_warnings
 from dcae_edge.timing import time_calls
 
 from .precision import cpu_isa, cpu_model, mark_auto, openvino_hint, openvino_precisions
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--cache", default=".cache/bench", type=Path)
     args = ap.parse_args(argv)
+    short_warnings()
     from .backends import openvino_runs_bf16
     from .pipeline import BundleError, read_manifest
 

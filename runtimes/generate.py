@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dcae_edge import schedules
+from dcae_edge.cli import short_warnings
 
 from .images import IMAGE_SUFFIXES, out_paths, save_grid
 from .pipeline import BundleError, open_bundle
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="generated.png",
                     help=f"a grid file ({', '.join(sorted(IMAGE_SUFFIXES))}), else a folder with one PNG per image")
     args = ap.parse_args(argv)
+    short_warnings()
     try:
         pipe = open_bundle(args.bundle, args.backend, args.precision, args.device, format=args.format)
         classes = args.classes
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = [pipe.class_names[c] for c in classes] if classes and pipe.class_names else None
-    print(f"wrote {args.out}: {len(images)} images in {time.perf_counter() - t:.1f} s ({args.backend} {args.precision})"
+    print(f"wrote {args.out}: {len(images)} images in {time.perf_counter() - t:.1f} s "
+          f"({args.backend}: {', '.join(f'{g} {p}' for g, p in pipe.ran_as().items())})"
           + (f", classes {names}" if names else ""))
     return 0
 

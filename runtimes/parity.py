@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae_edge.cli import short_warnings
 from dcae_edge.compare import compare, passes
 
 from .backends import RuntimeUnavailable
@@ -281,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="report path without suffix (default BUNDLE/parity)")
     args = ap.parse_args(argv)
+    short_warnings()
     if args.semantic:
         try:
             result = semantic_parity(args.bundle, args.semantic, Path(args.out or args.bundle / "semantic"), args.weights,

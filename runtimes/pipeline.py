@@ -248,6 +248,12 @@ class Pipeline:
         """Per loaded graph, the execution providers really running it."""
         return {g: getattr(r, "active_providers", [getattr(r, "provider", "?")]) for (g, *_), r in self._runners.items()}
 
+    def ran_as(self) -> dict[str, str]:
+        """Per loaded graph, the precision it really runs at, in words: what a CLI reports after a run
+        (a bf16 asked of a CPU without native bf16 runs in f32, and says so)."""
+        return {g: p + (" (run as f32: no native bf16 here)" if getattr(r, "bf16_as_f32", False) else "")
+                for (g, _, p), r in self._runners.items()}
+
     def _branch_ok(self, graph: str, height_px: int, width_px: int) -> bool:
         g = self.manifest["graphs"][graph]
         return all(((height_px // s["scale"]) * (width_px // s["scale"]) > g["head_dim"]) == s["linear"]

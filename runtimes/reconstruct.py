@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcae_edge.cli import at_least
+from dcae_edge.cli import at_least, short_warnings
 
 from .images import IMAGE_SUFFIXES, expand_inputs, load_image, out_paths, save_grid
 from .pipeline import BundleError, open_bundle
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", "--out-dir", dest="out", default="reconstructions",
                     help=f"a file ({', '.join(sorted(IMAGE_SUFFIXES))}) for one input, else a folder")
     args = ap.parse_args(argv)
+    short_warnings()
     try:
         inputs = expand_inputs(args.images)
         dests = out_paths(args.out, [f"{Path(p).stem}_recon.png" for p in inputs])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,14 +91,19 @@ def save_reference(tensors: dict, meta: dict, path: str | Path) -> None:
 
 def load_reference(path: str | Path) -> tuple[dict, dict]:
     """numpy-only reader (used by the torch-free parity suite)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
-    with safe_open(str(path), framework="np") as f:
-        meta = json.loads((f.metadata() or {}).get("reference", "{}"))
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such reference file (make one: python -m runtimes.reference --bundle BUNDLE)")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = json.loads((f.metadata() or {}).get("reference", "{}"))
+        tensors = load_file(str(path)) if meta else {}
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors reference file ({e})") from None
     if not meta:
         raise ValueError(f"{path} is not a dcae-edge reference file")
-    tensors = load_file(str(path))
     for key in [k for k in tensors if k.endswith("_uint8")]:  # images stored as exact uint8 pixels
         tensors[key[: -len("_uint8")]] = tensors[key].astype(np.float32) / 127.5 - 1.0
     return tensors, meta
@@ -113,12 +119,17 @@ def main(argv=None):
     ap.add_argument("--out", help="output file (default: BUNDLE/reference-DEVICE.safetensors)")
     args = ap.parse_args(argv)
     if args.bundle:
-        from .backends import TorchGraph
+        from .backends import RuntimeUnavailable, TorchGraph
+        from .pipeline import BundleError, read_manifest
 
-        manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-        ae_src = args.autoencoder or TorchGraph._bundled(manifest["autoencoder"]["source"])
-        dn_src = args.denoiser or ((manifest.get("denoiser") or {}).get("source") and
-                                   TorchGraph._bundled(manifest["denoiser"]["source"]))
+        try:
+            manifest = read_manifest(args.bundle, verify=False)
+            ae_src = args.autoencoder or TorchGraph._bundled(manifest["autoencoder"]["source"])
+            dn_src = args.denoiser or ((manifest.get("denoiser") or {}).get("source") and
+                                       TorchGraph._bundled(manifest["denoiser"]["source"]))
+        except (BundleError, RuntimeUnavailable) as e:  # no bundle there; weights not on this machine
+            print(f"error: {e}".replace("pass weights=PATH", "pass --autoencoder / --denoiser PATH"), file=sys.stderr)
+            raise SystemExit(2) from None
         res = manifest["resolution"]
         out = args.out or str(Path(args.bundle) / f"reference-{args.device}.safetensors")
     else:

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcae_edge.cli import at_least  # noqa: E402
+from dcae_edge.cli import at_least, short_warnings  # noqa: E402
 from dcae_edge.compare import compare  # noqa: E402
 from dcae_edge.timing import time_calls, time_interleaved  # noqa: E402
 from export.bundle import package_versions, read_manifest  # noqa: E402
@@ -47,21 +47,19 @@ def pin_threads(n: int) -> list[int]:
 
 
 def read_latents(path: Path, manifest: dict) -> np.ndarray:
-    """--decoder-latents: N x C x h x w finite latents of the bundle's channel count, else a one-line error."""
-    key = "vae_decoder.latent_sample"
+    """--decoder-latents: the bundle decoder's feeds, checked as calibration checks its --data, else a one-line error."""
+    from calibration import CalibrationError
+    from calibration.data import check_feeds, file_sets
+
     try:
-        with np.load(path) as npz:
-            if key not in npz.files:
-                raise SystemExit(f"error: --decoder-latents {path} has no {key} array (it has {', '.join(npz.files) or 'none'})")
-            z = npz[key].astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --decoder-latents {path}: {e}") from None
-    c = manifest["autoencoder"]["config"]["latent_channels"]
-    if z.ndim != 4 or z.shape[1] != c or not len(z):
-        raise SystemExit(f"error: --decoder-latents {path}: {key} has shape {list(z.shape)}; the decoder takes N x {c} x h x w")
-    if not np.isfinite(z).all():
-        raise SystemExit(f"error: --decoder-latents {path}: {key} holds NaN/Inf values")
-    return z
+        decoder = file_sets(path, manifest, flag="--decoder-latents").get("vae_decoder")
+        if decoder is None:
+            raise CalibrationError(f"--decoder-latents {path} has no vae_decoder.latent_sample array")
+        decoder.kind = "--decoder-latents"  # the messages say "<kind> set for vae_decoder (<path>): ..."
+        check_feeds(decoder, manifest)
+    except CalibrationError as e:
+        raise SystemExit(f"error: {e}") from None
+    return np.concatenate([f["latent_sample"] for f in decoder.feeds])
 
 
 def example_inputs(manifest: dict, bundle: Path, decoder_latents: Path | None = None) -> dict[str, dict]:
@@ -347,6 +345,7 @@ def main(argv=None):
                     help="bundles without an encoder: .npz with vae_decoder.latent_sample (real latents) to decode")
     ap.add_argument("--max-loss", type=float, default=0.3, help="allowed end-to-end PSNR loss, dB")
     args = ap.parse_args(argv)
+    short_warnings()
     manifest = read_manifest(args.bundle)
     if manifest is None:
         raise SystemExit(f"error: {args.bundle} is not a dcae-edge bundle")

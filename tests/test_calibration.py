@@ -161,7 +161,8 @@ def test_onnxruntime_latency_mix_keeps_slow_convs_in_float(copy, data_dir, monke
     art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["onnx/int8"]
     still_int8 = {n.name for n in quantized_nodes(onnx.load(str(copy / art["files"][0])))}
     assert len(art["kept_float_for_speed"]) == 2 and not set(art["kept_float_for_speed"]) & still_int8
-    assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32", "float_ms": 3.0}
+    assert art["gate"]["pass"] and art["latency_check"] == {"mix_ms": 1.0, "accuracy_chosen_ms": 2.0, "hint": "fp32", "float_ms": 3.0,
+                                                            "chosen_ms": 1.0}
     assert timings == [3] and art["versus_float"]["int8_ms"] == 1.0 and art["versus_float"]["speedup"] == 3.0
     assert "end to end on this CPU: INT8 1.0 ms vs fp32 3.0 ms (3.00x faster)" in (copy / "calibration" / "onnxruntime.md").read_text()
 
@@ -203,6 +204,7 @@ def test_openvino_int8_fake_quantize(copy, data_dir):
 
     assert pipe.active_providers["vae_decoder"] == (["openvino:CPU:bf16"] if openvino_runs_bf16()
                                                     else ["openvino:CPU:f32 (bf16 asked; no native bf16)"])
+    assert pipe.ran_as() == {"vae_decoder": "int8-bf16" + ("" if openvino_runs_bf16() else " (run as f32: no native bf16 here)")}
     with pytest.raises(BundleError, match="OpenVINO precision"):
         open_bundle(copy, precision="int8-bf16").decode(z)
 
@@ -241,7 +243,7 @@ def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir,
     art = manifest(copy)["graphs"]["vae_decoder"]["artifacts"]["openvino/int8"]
     ir = ov.Core().read_model(str(copy / art["files"][0]))
     assert not art.get("kept_float_for_speed") and art["latency_check"] == {"mix_ms": 2.5, "accuracy_chosen_ms": 2.0,
-                                                                            "hint": art["latency_check"]["hint"]}
+                                                                            "hint": art["latency_check"]["hint"], "chosen_ms": 2.0}
     assert all(r["int8"] for r in art["layer_latency"]) and quantized_ops(ir) > in_int8_with_mix  # the two ops are INT8 again
     assert "the mix is not kept" in (copy / "calibration" / "openvino.md").read_text()
 
@@ -329,6 +331,8 @@ def _npz(tmp_path, **arrays):
     ("nan", "NaN/Inf"),
     ("resolution", "the graph takes [1, 3, 128, 128]"),
     ("channels", "the graph takes [1, 128, 2, 2]"),
+    ("truncated", "is not a readable .npz archive of arrays"),
+    ("scalar", "vae_decoder.latent_sample is a single value"),
 ])
 def test_bad_calibration_sets_are_refused(copy, data_dir, tmp_path, capsys, case, message):
     rng = np.random.default_rng(0)
@@ -343,6 +347,12 @@ def test_bad_calibration_sets_are_refused(copy, data_dir, tmp_path, capsys, case
         data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": z}), "vae_decoder"
     elif case == "resolution":
         data, graph = _npz(tmp_path, **{"vae_encoder.sample": rng.uniform(-1, 1, (3, 1, 3, 64, 64)).astype(np.float32)}), "vae_encoder"
+    elif case == "truncated":  # a copy cut short
+        whole = _npz(tmp_path, **{"vae_decoder.latent_sample": rng.standard_normal((3, 1, 128, 2, 2)).astype(np.float32)})
+        whole.write_bytes(whole.read_bytes()[:200])
+        data, graph = whole, "vae_decoder"
+    elif case == "scalar":
+        data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": np.float32(1)}), "vae_decoder"
     else:
         data, graph = _npz(tmp_path, **{"vae_decoder.latent_sample": rng.standard_normal((3, 1, 32, 2, 2)).astype(np.float32)}), "vae_decoder"
     before = (copy / "manifest.json").read_bytes()

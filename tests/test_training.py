@@ -120,8 +120,20 @@ def test_resume_from_another_configuration_is_refused(tmp_path, arch_file, photo
 
 
 def test_phase_without_previous_phase_is_refused(tmp_path, arch_file, photo_dir):
-    with pytest.raises(FileNotFoundError, match="run phase 1 first"):
+    with pytest.raises(T.SetupError, match="run phase 1 first"):
         run(arch_file, photo_dir, tmp_path, 2, 1)
+
+
+def test_runs_that_cannot_start_are_one_line_errors(tmp_path, arch_file, photo_dir, capsys):
+    """The CLI: a missing data folder, an unknown schedule: 'error: ...' (exit 1), no traceback, nothing written."""
+    args = ["--model", str(arch_file), "--eval-data", str(photo_dir), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--resolution", "64", "--batch-size", "2", "--amp", "fp32", "--device", "cpu"]
+    for extra, message in [(["--data", str(tmp_path / "missing")], "error: --data: image folder"),
+                           (["--data", str(photo_dir), "--lr-schedule", "linear"], "error: --lr-schedule must be constant or cosine")]:
+        with pytest.raises(SystemExit) as e:
+            T.main(args + extra)
+        assert str(e.value).startswith(message), e.value
+    assert not (tmp_path / "run" / "phase1" / "ckpt.pt").exists()
 
 
 def test_phase_asking_for_missing_layers_is_refused(tmp_path, arch_file, photo_dir):
