@@ -123,7 +123,10 @@ def load_arch(name: str):
 
     if name.endswith(".json") and Path(name).is_file():
         return DCAEConfig.from_dict(json.loads(Path(name).read_text()))
-    return get_config(name)
+    try:
+        return get_config(name)
+    except KeyError as e:  # a typo, or a .json path that does not exist
+        raise SetupError(f"--model {name}: " + ("no such file" if name.endswith(".json") else e.args[0])) from None
 
 
 def set_trainable(model: DCAE, prefixes: list[str]) -> list[str]:

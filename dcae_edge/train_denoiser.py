@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoints import (atomic_save_safetensors, autoencoder_fingerprint, latent_fingerprint, latents_match,
-                          load_autoencoder, read_safetensors)
+from .checkpoints import (CheckpointError, atomic_save_safetensors, autoencoder_fingerprint, latent_fingerprint,
+                          latents_match, load_autoencoder, read_safetensors)
 from .data import ImageFolder, step_generator, to_model_range
-from .denoiser import build_denoiser, save_denoiser
+from .denoiser import DENOISER_PRESETS, build_denoiser, save_denoiser
 from .schedules import NUM_TRAIN_TIMESTEPS, ddpm_alphas_cumprod
 from .training_utils import (EMA, atomic_torch_save, config_fingerprint, describe_mismatch, init_distributed,
                              broadcast_buffers, load_training_checkpoint, parse_dataclass_args, plot_curves, replicas_identical, resolve_amp, resolve_device, save_image_grid, unwrap)
@@ -73,8 +73,14 @@ class DenoiserTrainConfig:
 
 
 def build_cache(cfg: DenoiserTrainConfig, path: Path, device) -> dict:
-    ae = load_autoencoder(cfg.autoencoder, device=device)
-    data = ImageFolder(cfg.data, min_side=min(cfg.resolution, 256)).to(device)
+    try:
+        ae = load_autoencoder(cfg.autoencoder, device=device)
+    except CheckpointError as e:
+        raise ConfigError(f"--autoencoder: {e}") from None
+    try:
+        data = ImageFolder(cfg.data, min_side=min(cfg.resolution, 256)).to(device)
+    except (FileNotFoundError, ValueError) as e:  # no folder, or no usable image in it
+        raise ConfigError(f"--data: {e}") from None
     n = len(data) * cfg.crops_per_image
     latents, labels = [], []
     amp = resolve_amp(cfg.amp, device)  # the training precision encodes too: a generator's data, not a reference
@@ -141,10 +147,12 @@ def init_weights(model: nn.Module, ema, path: str) -> None:
 
 
 class ConfigError(ValueError):
-    """A mistake in the training configuration, said before any data is encoded."""
+    """A mistake in the training configuration, said before any training step."""
 
 
 def check_config(cfg: DenoiserTrainConfig) -> None:
+    if cfg.model not in DENOISER_PRESETS:
+        raise ConfigError(f"--model {cfg.model!r}: known presets {', '.join(DENOISER_PRESETS)}")
     if cfg.time_sampling not in ("logit-normal", "uniform"):
         raise ConfigError(f"--time-sampling {cfg.time_sampling!r}: expected logit-normal or uniform")
     if cfg.time_shift <= 0:
@@ -328,7 +336,7 @@ def parse_args(argv=None) -> DenoiserTrainConfig:
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except ConfigError as e:  # only check_config raises it, before any work
+    except ConfigError as e:  # raised before any training step (check_config, or the cache's data and autoencoder)
         raise SystemExit(f"error: {e}") from None
 
 

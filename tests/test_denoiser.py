@@ -101,6 +101,13 @@ def test_init_from_warm_starts_weights_with_a_fresh_run(setup, tmp_path):
     with pytest.raises(SystemExit, match="class-conditional U-ViT"):  # dn_args trains a DiT
         TD.main(dn_args(setup, tmp_path / "d", 1, "--label-every-token"))
     assert not (tmp_path / "d").exists()
+    # a typo in the preset, a missing photo folder or autoencoder: one line, before anything is encoded
+    for extra, message in [(["--model", "dit-huge"], "--model 'dit-huge': known presets"),
+                           (["--data", str(tmp_path / "none")], "--data: image folder .* does not exist"),
+                           (["--autoencoder", str(tmp_path / "none.safetensors")], "--autoencoder: .*no such file")]:
+        with pytest.raises(SystemExit, match=message):
+            TD.main(dn_args(setup, tmp_path / "e", 1, *extra))
+    assert not (tmp_path / "e" / "latents.safetensors").exists()
 
 
 def test_cache_from_another_autoencoder_is_refused(setup, tmp_path):

@@ -125,11 +125,12 @@ def test_phase_without_previous_phase_is_refused(tmp_path, arch_file, photo_dir)
 
 
 def test_runs_that_cannot_start_are_one_line_errors(tmp_path, arch_file, photo_dir, capsys):
-    """The CLI: a missing data folder, an unknown schedule: 'error: ...' (exit 1), no traceback, nothing written."""
+    """The CLI: a missing data folder, an unknown schedule or model: "error: ..." (exit 1), no traceback, nothing written."""
     args = ["--model", str(arch_file), "--eval-data", str(photo_dir), "--out", str(tmp_path / "run"), "--steps", "1",
             "--resolution", "64", "--batch-size", "2", "--amp", "fp32", "--device", "cpu"]
     for extra, message in [(["--data", str(tmp_path / "missing")], "error: --data: image folder"),
-                           (["--data", str(photo_dir), "--lr-schedule", "linear"], "error: --lr-schedule must be constant or cosine")]:
+                           (["--data", str(photo_dir), "--lr-schedule", "linear"], "error: --lr-schedule must be constant or cosine"),
+                           (["--data", str(photo_dir), "--model", "f65"], "error: --model f65: unknown DC-AE variant")]:
         with pytest.raises(SystemExit) as e:
             T.main(args + extra)
         assert str(e.value).startswith(message), e.value
