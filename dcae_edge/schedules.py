@@ -3,7 +3,7 @@
 This module imports only numpy. The samplers use nothing but ``+ - *`` with Python floats on the
 state ``x``, so the same code drives torch tensors (``dcae_edge.sample``) and numpy arrays
 (``runtimes``: onnxruntime / OpenVINO / Core ML), and the browser's JavaScript port
-(``runtimes/web/sampler.js``) follows it line by line. Coefficients are computed in float64.
+(``runtimes/web/lib/sampler.js``) follows it line by line. Coefficients are computed in float64.
 
 A recipe (stored in every bundle's ``manifest.json`` under ``sampler``) says everything an app in
 any language needs to reproduce sampling:

@@ -1,6 +1,7 @@
 """Browser benchmark (not a test): the bundle's decoder, encoder and one transformer step (CFG
-batch 2) in headless Chromium (onnxruntime-web, WASM 1 and 2 threads) vs Python onnxruntime on
-the same machine, as ratios.
+batch 2) at every ONNX precision it has, in headless Chromium (onnxruntime-web, WASM 1 and 2
+threads) vs Python onnxruntime on the same machine, as ratios; the page's precision auto marked
+(the rule of runtimes/web/lib/precision.js applied to the 2-thread timings).
 
     python scripts/bench_web.py --bundle exports/f64 --out docs/bench-web
 """
@@ -19,15 +20,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
+    from dcae_edge.cli import at_least
     from dcae_edge.timing import time_calls
     from runtimes import open_bundle
-    from runtimes.precision import cpu_model, probe_inputs
+    from runtimes.pipeline import read_manifest
+    from runtimes.precision import choose, cpu_isa, cpu_model, gated, probe_inputs
     from runtimes.web.__main__ import serve_in_thread
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--runs", type=at_least(1), default=7)
     args = ap.parse_args()
     web = ROOT / "runtimes" / "web"
     if not (web / "node_modules").is_dir():
@@ -41,34 +44,35 @@ def main():
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     browser = json.loads(r.stdout.strip().splitlines()[-1])
-    pipe = open_bundle(args.bundle, "onnxruntime", "fp32", threads=2)
-    m = pipe.manifest
-    native = {}
-    for graph in ("vae_decoder", "vae_encoder", "transformer"):
-        if graph in m["graphs"]:
-            feeds = probe_inputs(m, graph)
-            runner = pipe._runner(graph)
-            native[graph] = round(statistics.median(time_calls(lambda: runner.run(feeds), args.runs * (4 if graph == "transformer" else 1))), 1)
+    m = read_manifest(args.bundle, verify=False)
     rows = []
-    for graph, ms in native.items():
-        w1, w2 = browser["1"].get(graph), browser["2"].get(graph)
-        rows.append({"graph": graph, "python_ort_ms": ms, "wasm_1t_ms": round(w1, 1) if w1 else None,
-                     "wasm_2t_ms": round(w2, 1) if w2 else None, "ratio_1t": round(w1 / ms, 2) if w1 else None,
-                     "ratio_2t": round(w2 / ms, 2) if w2 else None})
-    report = {"cpu": cpu_model(), "bundle": str(args.bundle), "resolution": m["resolution"], "rows": rows,
+    for graph, by_precision in browser["2"]["graphs"].items():
+        # what the page's auto weighs on WASM: the gated fp32 and int8 (fp16: no fp16 arithmetic there)
+        allowed = [p for p in gated(m, graph, "onnxruntime") if p in ("fp32", "int8")]
+        auto, _ = choose({p: ms for p, ms in by_precision.items() if p in allowed}, allowed)
+        for precision, w2 in by_precision.items():
+            runner = open_bundle(args.bundle, "onnxruntime", precision, threads=2)._runner(graph)
+            feeds = probe_inputs(m, graph)
+            ms = round(statistics.median(time_calls(lambda: runner.run(feeds), args.runs * (4 if graph == "transformer" else 1))), 1)
+            w1 = browser["1"]["graphs"].get(graph, {}).get(precision)
+            rows.append({"graph": graph, "precision": precision, "auto": precision == auto, "python_ort_ms": ms,
+                         "wasm_1t_ms": round(w1, 1) if w1 else None, "wasm_2t_ms": round(w2, 1),
+                         "ratio_1t": round(w1 / ms, 2) if w1 else None, "ratio_2t": round(w2 / ms, 2)})
+    report = {"cpu": cpu_model(), "isa": cpu_isa(), "bundle": str(args.bundle), "resolution": m["resolution"], "rows": rows,
               "threads_seen": {k: v["threads"] for k, v in browser.items()},
               "command": "python scripts/bench_web.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# The browser vs native onnxruntime ({m['resolution']}², fp32)", "",
-             f"CPU: {report['cpu']}. Headless Debian Chromium, onnxruntime-web (WASM, SIMD; 1 and 2 threads, the page "
-             "cross-origin isolated) vs Python onnxruntime with 2 threads, same machine, medians. "
-             f"Command: `{report['command']}`", "",
-             "| graph | Python ORT ms | WASM 1 thread ms | WASM 2 threads ms | 1 thread / native | 2 threads / native |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['graph']} | {r['python_ort_ms']} | {r['wasm_1t_ms']} | {r['wasm_2t_ms']} | {r['ratio_1t']}x | {r['ratio_2t']}x |"
-              for r in rows]
+    lines = [f"# The browser vs native onnxruntime ({m['resolution']}², every ONNX precision)", "",
+             f"CPU: {report['cpu']} [{report['isa']}]. Headless Debian Chromium, onnxruntime-web (WASM, SIMD; 1 and 2 threads, "
+             "the page cross-origin isolated) vs Python onnxruntime with 2 threads at the same precision, same machine, "
+             "medians. **auto**: what the page's precision auto picks from the 2-thread timings (gated fp32 / int8; a tie "
+             f"within 5% goes to the more accurate). Command: `{report['command']}`", "",
+             "| graph | precision | Python ORT ms | WASM 1 thread ms | WASM 2 threads ms | 1 thread / native | 2 threads / native |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['graph']} | {r['precision']}{' **auto**' if r['auto'] else ''} | {r['python_ort_ms']} | {r['wasm_1t_ms']} | "
+              f"{r['wasm_2t_ms']} | {r['ratio_1t']}x | {r['ratio_2t']}x |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

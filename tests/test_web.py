@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,7 +38,8 @@ def toy_model(x, t, variance: bool = False):
 
 @pytest.fixture(scope="module")
 def web_bundle(tmp_path_factory):
-    """A tiny f64 bundle at 128 px: encoder, decoder, a class-conditional transformer; fp32 + fp16."""
+    """A tiny f64 bundle at 128 px: encoder, decoder, a class-conditional transformer; fp32 + fp16, and INT8
+    for the encoder and decoder."""
     from dcae_edge.checkpoints import latent_fingerprint, save_autoencoder
     from dcae_edge.denoiser import save_denoiser
     from export.onnx import main
@@ -50,6 +52,10 @@ def web_bundle(tmp_path_factory):
                                                    "recipe": {"steps": 6, "cfg_scale": 2.0}})
     main(["--weights", str(d / "ae.safetensors"), "--denoiser", str(d / "dn.safetensors"), "--out", str(d / "bundle"),
           "--resolution", "128", "--fp16"])
+    from calibration.__main__ import run_cli  # INT8 encoder and decoder (on the packaged photos): what auto weighs in the page
+
+    assert run_cli(["--bundle", str(d / "bundle"), "--backend", "onnxruntime", "--graphs", "vae_encoder", "vae_decoder",
+                    "--num-samples", "4", "--num-eval", "2", "--cache-dir", str(d / "sets")]) == 0
     return d / "bundle"
 
 
@@ -74,9 +80,11 @@ def write_fixtures(folder: Path, bundle: Path) -> None:
         fx["sampler_cases"].append({"name": name, "recipe": recipe, "steps": steps, "dims": dims, "seed": 11, "variance": variance,
                                     "noise": noise.ravel().tolist(), "expected": np.asarray(out, np.float64).ravel().tolist()})
     manifest = json.loads((bundle / "manifest.json").read_text())
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16", "int8"):
         pipe = open_bundle(bundle, "onnxruntime", precision)
         for graph in ("vae_encoder", "vae_decoder", "transformer"):
+            if f"onnx/{precision}" not in manifest["graphs"][graph]["artifacts"]:
+                continue
             spec_inputs = manifest["graphs"][graph]["inputs"]
             if graph == "vae_encoder":
                 feeds = {"sample": _photo(128)}
@@ -86,7 +94,9 @@ def write_fixtures(folder: Path, bundle: Path) -> None:
                 feeds = {"hidden_states": S.initial_noise((2, 128, 2, 2), 3), "timestep": np.array([999.0, 120.0], np.float32),
                          "class_labels": np.array([1, 3], np.int64)}
             expected = pipe._runner(graph).run(feeds)[0]
+            fp32 = open_bundle(bundle, "onnxruntime", "fp32")._runner(graph).run(feeds)[0]
             fx["graphs"].append({"graph": graph, "precision": precision, "expected": expected.ravel().tolist(),
+                                 "fp32": fp32.ravel().tolist(),
                                  "feeds": {t["name"]: {"data": feeds[t["name"]].ravel().tolist(), "shape": list(feeds[t["name"]].shape),
                                                        "dtype": t["dtype"]} for t in spec_inputs}})
     _, z = open_bundle(bundle, precision="fp32").generate([0, 2], seed=5, return_latents=True)
@@ -104,11 +114,22 @@ def _photo(size: int) -> np.ndarray:
 def test_node_tier_matches_python(web_bundle, tmp_path):
     npm_ci()
     write_fixtures(tmp_path, web_bundle)
-    res = subprocess.run([NODE, "--test", str(WEB / "test" / "parity.test.mjs")], cwd=WEB, capture_output=True, text=True,
-                         env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
+    res = subprocess.run([NODE, "--test", str(WEB / "test" / "parity.test.mjs"), str(WEB / "test" / "precision.test.mjs")],
+                         cwd=WEB, capture_output=True, text=True, env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
     print(res.stdout[-4000:], res.stderr[-2000:])
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "# pass 4" in res.stdout and "# fail 0" in res.stdout
+    assert "# pass 8" in res.stdout and "# fail 0" in res.stdout
+
+
+def test_browser_auto_follows_the_python_rule():
+    """lib/precision.js restates runtimes/precision.py's tie margin and accuracy order: they must agree."""
+    from runtimes.precision import ACCURACY_ORDER, AUTO_TIE
+
+    js = (WEB / "lib" / "precision.js").read_text()
+    tie = re.search(r"export const AUTO_TIE = ([0-9.]+);", js)
+    order = re.search(r"export const ACCURACY_ORDER = (\[[^\]]*\]);", js)
+    assert tie and float(tie.group(1)) == AUTO_TIE
+    assert order and json.loads(order.group(1)) == [p for p in ACCURACY_ORDER if p in ("fp32", "fp16", "int8")]
 
 
 # ---------------------------------------------------------------------------------------------- browser tier
@@ -152,6 +173,21 @@ def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
         assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
     assert (tmp_path / "screenshot.png").stat().st_size > 10_000
     assert r["bad_image_message"] and r["page_still_works"]
+    # precision auto (the page's default): encoder and decoder timed at fp32 and int8 on first use, the choice said and
+    # remembered across a reload; its pixels are those of Python onnxruntime at the same precisions
+    assert r["defaultPrecision"] == "auto"
+    first, again = r["autoFirst"], r["autoAgain"]
+    for graph in ("vae_encoder", "vae_decoder"):
+        said = [msg for msg in first["messages"] if msg.startswith(f"precision auto: {graph} →")]
+        assert len(said) == 1 and "timed in this browser" in said[0] and "fp16 not timed on wasm" in said[0], first["messages"]
+        assert any(msg.startswith(f"precision auto: {graph} →") and "remembered from an earlier visit" in msg
+                   for msg in again["messages"]), again["messages"]
+    assert first["chosen"] == again["chosen"] and set(first["chosen"].values()) <= {"fp32", "int8"}, first["chosen"]
+    original = np.asarray(first["originalPixels"], np.uint8).reshape(128, 128, 4)[..., :3]
+    ref = open_bundle(web_bundle, precision=first["chosen"]).reconstruct(original[None])
+    ref = np.clip(np.round((ref + 1) * 127.5), 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
+    page = np.asarray(first["pixels"], np.uint8).reshape(128, 128, 4)[..., :3]
+    assert psnr_uint8(ref, page) >= 35, (first["chosen"], psnr_uint8(ref, page))
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,18 +4,19 @@
 // window.dcae exposes the same actions for scripted use (the browser tests drive it).
 import * as ortWasm from "onnxruntime-web";
 import { BundleError, describeBundle, loadBundle, openGraph } from "./lib/bundle.js";
+import { cacheKey, resolveAuto } from "./lib/precision.js";
 import { generate, SamplerError } from "./lib/sampler.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { bundle: null, info: null, sessions: new Map(), ort: ortWasm, backend: "wasm", busy: false };
+const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false };
 
 function say(text, kind = "info") {
   const div = document.createElement("div");
   div.className = kind;
   div.textContent = text;
   $("messages").prepend(div);
-  while ($("messages").children.length > 6) $("messages").lastChild.remove();
-  return text;
+  while ($("messages").children.length > 8) $("messages").lastChild.remove();
+  return div;
 }
 
 function threads() { // threads need cross-origin isolation (COOP/COEP headers from python -m runtimes.web)
@@ -25,8 +26,8 @@ function threads() { // threads need cross-origin isolation (COOP/COEP headers f
   return asked > 0 ? asked : Math.max(1, Math.min(4, cores));
 }
 
-async function session(graph) {
-  const precision = $("precision").value || "fp32";
+async function session(graph, asked = $("precision").value || "auto") {
+  const precision = asked === "auto" ? await autoPrecision(graph) : asked;
   const have = state.info.precisions[graph];
   const use = have.includes(precision) ? precision : "fp32";
   const key = `${graph}/${use}/${state.backend}`;
@@ -35,6 +36,39 @@ async function session(graph) {
     state.sessions.set(key, await openGraph(state.bundle, graph, use, { ort: state.ort, executionProviders: [state.backend] }));
   }
   return state.sessions.get(key);
+}
+
+function storage() { // localStorage, or null where the browser refuses it (private modes, sandboxed frames)
+  try { return window.localStorage; } catch { return null; }
+}
+
+async function autoPrecision(graph) { // once per graph and backend: remembered, or timed here on first use
+  const k = `${graph}/${state.backend}`;
+  if (!state.auto.has(k)) {
+    const n = state.ort.env.wasm.numThreads;
+    let timing = null; // the "timing ..." notice, replaced by the choice
+    const key = cacheKey(state.bundle.manifest, state.backend, n, `${navigator.userAgent}|${navigator.hardwareConcurrency}`);
+    const res = await resolveAuto(state.bundle.manifest, graph, state.backend, { key, storage: storage(),
+      time: async (p) => {
+        try { return await timeSession(await session(graph, p), probeFeeds(graph), 3); }
+        catch (e) { say(`precision auto: ${graph} ${p} cannot run here, left out: ${e.message || e}`, "error"); throw e; }
+      },
+      onTiming: (ps) => { timing = say(`precision auto: timing ${graph} at ${ps.join(" and ")} once on this device…`); } });
+    timing?.remove();
+    for (const p of state.info.precisions[graph]) { // the candidates not chosen: their memory back
+      const other = `${graph}/${p}/${state.backend}`;
+      if (p !== res.precision && state.sessions.has(other)) {
+        await state.sessions.get(other).session.release?.();
+        state.sessions.delete(other);
+      }
+    }
+    const source = { timed: "timed in this browser; ", remembered: "remembered from an earlier visit; ", only: "" }[res.source];
+    const why = { wasm: "no fp16 arithmetic there", webgpu: "its QDQ ops fall back to WASM kernels" }[state.backend];
+    say(`precision auto: ${graph} → ${res.why}; ${source}${state.backend}, ${n} thread${n === 1 ? "" : "s"}` +
+      (res.skipped.length ? `; ${res.skipped.join(", ")} not timed on ${state.backend} (${why})` : ""));
+    state.auto.set(k, res.precision);
+  }
+  return state.auto.get(k);
 }
 
 // ------------------------------------------------------------------------------------------ images
@@ -87,11 +121,11 @@ async function reconstruct(source) {
   const r = state.info.resolution, f = state.info.compression, c = state.info.latentChannels;
   const original = cropToSquare(await imageFrom(source), r);
   draw($("original"), original);
+  const enc = await session("vae_encoder"); // loaded (and auto's first-use timing done) before the clock starts
+  const dec = await session("vae_decoder");
   const t0 = performance.now();
-  const enc = await session("vae_encoder");
   const latents = await enc.run({ sample: { data: toTensor(original), dims: [1, 3, r, r] } });
   const t1 = performance.now();
-  const dec = await session("vae_decoder");
   const image = await dec.run({ latent_sample: { data: latents, dims: [1, c, r / f, r / f] } });
   const t2 = performance.now();
   const out = toPixels(image, r, r);
@@ -192,6 +226,7 @@ async function setBackend(name) {
   state.ort.env.wasm.wasmPaths = new URL("./vendor/ort/", location.href).href;
   state.backend = name;
   state.sessions.clear();
+  state.auto.clear();
   $("threads").textContent = `${name.toUpperCase()} · ${crossOriginIsolated ? `cross-origin isolated, ${state.ort.env.wasm.numThreads} threads` : "not isolated: 1 thread"}`;
 }
 
@@ -210,8 +245,8 @@ async function init() {
   $("bundle-info").textContent = `${m.autoencoder.name} at ${info.resolution}px, latent ${info.latentChannels}×` +
     `${info.resolution / info.compression}×${info.resolution / info.compression}; graphs: ${Object.keys(m.graphs).join(", ")}` +
     (m.denoiser ? `; denoiser ${m.denoiser.name}` : "");
-  const all = [...new Set(Object.values(info.precisions).flat())];
-  $("precision").replaceChildren(...all.map((p) => new Option(p, p, p === "fp32", p === "fp32")));
+  const all = ["auto", ...new Set(Object.values(info.precisions).flat())];
+  $("precision").replaceChildren(...all.map((p) => new Option(p, p, p === "auto", p === "auto")));
   for (const name of ["astronaut", "coffee", "chelsea", "rocket"]) {
     const b = document.createElement("button");
     b.textContent = name;
@@ -246,22 +281,21 @@ async function init() {
   $("generate").onclick = () => guarded(() => generateImages({ classes: $("classes").value, steps: Number($("steps").value),
     cfg: Number($("cfg").value), seed: Number($("seed").value) })).catch(() => {});
   $("backend").onchange = () => setBackend($("backend").value).catch((e) => say(e.message, "error"));
-  $("precision").onchange = () => state.sessions.clear();
+  $("precision").onchange = () => { state.sessions.clear(); state.auto.clear(); };
 }
 
-async function bench(graph, runs = 5) { // median ms of one graph at the bundle resolution (random inputs)
+function probeFeeds(graph) { // inputs of the bundle's shapes (random values: timing only)
   const m = state.bundle.manifest, r = state.info.resolution, f = state.info.compression, c = state.info.latentChannels;
   const rand = (n) => Float32Array.from({ length: n }, () => Math.random() * 2 - 1);
-  let feeds;
-  if (graph === "vae_encoder") feeds = { sample: { data: rand(3 * r * r), dims: [1, 3, r, r] } };
-  else if (graph === "vae_decoder") feeds = { latent_sample: { data: rand(c * (r / f) ** 2), dims: [1, c, r / f, r / f] } };
-  else {
-    const [lc, h, w] = state.info.sampler.latent_shape;
-    feeds = { hidden_states: { data: rand(2 * lc * h * w), dims: [2, lc, h, w] },
-      timestep: { data: new Float32Array([500, 500]), dims: [2] },
-      class_labels: { data: new BigInt64Array([0n, BigInt(m.denoiser.config.num_classes)]), dims: [2], type: "int64" } };
-  }
-  const s = await session(graph);
+  if (graph === "vae_encoder") return { sample: { data: rand(3 * r * r), dims: [1, 3, r, r] } };
+  if (graph === "vae_decoder") return { latent_sample: { data: rand(c * (r / f) ** 2), dims: [1, c, r / f, r / f] } };
+  const [lc, h, w] = state.info.sampler.latent_shape;
+  return { hidden_states: { data: rand(2 * lc * h * w), dims: [2, lc, h, w] },
+    timestep: { data: new Float32Array([500, 500]), dims: [2] },
+    class_labels: { data: new BigInt64Array([0n, BigInt(m.denoiser.config.num_classes)]), dims: [2], type: "int64" } };
+}
+
+async function timeSession(s, feeds, runs) { // median ms after one warm-up run
   await s.run(feeds);
   const times = [];
   for (let i = 0; i < runs; i++) { const t = performance.now(); await s.run(feeds); times.push(performance.now() - t); }
@@ -269,10 +303,15 @@ async function bench(graph, runs = 5) { // median ms of one graph at the bundle 
   return times[Math.floor(times.length / 2)];
 }
 
+// median ms of one graph at the bundle resolution; precision: the page's choice unless given
+async function bench(graph, runs = 5, precision = undefined) {
+  return timeSession(await session(graph, precision), probeFeeds(graph), runs);
+}
+
 const ready = init();
 window.dcae = {
   ready, state,
   reconstruct: (url) => guarded(() => reconstruct(url)),
   generate: (opts) => guarded(() => generateImages(opts)),
-  setBackend, bench, messages: () => Array.from($("messages").children, (d) => d.textContent),
+  setBackend, bench, precisionOf: (graph) => state.auto.get(`${graph}/${state.backend}`), messages: () => Array.from($("messages").children, (d) => d.textContent),
 };

@@ -1,5 +1,6 @@
-// Benchmark: median ms of the decoder and one transformer step (CFG batch 2) in headless
-// Chromium, WASM with the thread count given in the URL. Prints one JSON line.
+// Benchmark: median ms of the encoder, the decoder and one transformer step (CFG batch 2) at every ONNX
+// precision the bundle has, in headless Chromium, WASM with 1 and 2 threads. Prints one JSON line:
+// {threads: {threads, graphs: {graph: {precision: ms}}}}.
 import { openPage } from "./browser.mjs";
 
 const [url, runs] = process.argv.slice(2);
@@ -7,12 +8,19 @@ const out = {};
 for (const threads of [1, 2]) {
   const { browser, page } = await openPage(`${url}?threads=${threads}`);
   try {
-    out[threads] = await page.evaluate(async (n) => ({
-      threads: window.dcae.state.ort.env.wasm.numThreads,
-      vae_decoder: await window.dcae.bench("vae_decoder", n),
-      vae_encoder: await window.dcae.bench("vae_encoder", n),
-      transformer: window.dcae.state.info.canGenerate ? await window.dcae.bench("transformer", n * 4) : null,
-    }), Number(runs || 5));
+    out[threads] = await page.evaluate(async (n) => {
+      const { state } = window.dcae;
+      const graphs = {};
+      for (const graph of ["vae_decoder", "vae_encoder", "transformer"]) {
+        if (!(graph in state.bundle.manifest.graphs) || (graph === "transformer" && !state.info.canGenerate)) continue;
+        graphs[graph] = {};
+        for (const precision of state.info.precisions[graph]) {
+          graphs[graph][precision] = await window.dcae.bench(graph, graph === "transformer" ? n * 4 : n, precision);
+          state.sessions.clear(); // one session at a time: the numbers of one are not the memory pressure of three
+        }
+      }
+      return { threads: state.ort.env.wasm.numThreads, graphs };
+    }, Number(runs || 5));
   } finally {
     await browser.close();
   }

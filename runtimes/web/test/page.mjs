@@ -9,6 +9,8 @@ const { browser, page, logs } = await openPage(url);
 try {
   const env = await page.evaluate(() => ({ isolated: crossOriginIsolated, threads: window.dcae.state.ort.env.wasm.numThreads }));
   const png = readFileSync(join(out, "photo.png")).toString("base64");
+  const defaultPrecision = await page.evaluate(() => document.querySelector("#precision").value);
+  await page.selectOption("#precision", "fp32"); // pixel parity against Python's fp32; auto is checked at the end
   const reconstruct = await page.evaluate(async (b64) => {
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
     const r = await window.dcae.reconstruct(new Blob([bytes], { type: "image/png" }));
@@ -32,7 +34,19 @@ try {
   const again = await page.evaluate(async () => (await window.dcae.reconstruct("samples/coffee.jpg")).psnr);
   await page.screenshot({ path: join(out, "screenshot.png"), fullPage: true });
   const messages = await page.evaluate(() => window.dcae.messages());
-  console.log(JSON.stringify({ ...env, reconstruct, generate, messages, logs,
+  // precision auto: timed on first use, remembered after a reload (localStorage)
+  const autoRun = async () => page.evaluate(async () => {
+    document.querySelector("#precision").value = "auto";
+    document.querySelector("#precision").dispatchEvent(new Event("change"));
+    const r = await window.dcae.reconstruct("samples/coffee.jpg");
+    return { psnr: r.psnr, pixels: r.pixels, originalPixels: r.originalPixels, messages: window.dcae.messages(),
+      chosen: { vae_encoder: window.dcae.precisionOf("vae_encoder"), vae_decoder: window.dcae.precisionOf("vae_decoder") } };
+  });
+  const autoFirst = await autoRun();
+  await page.reload();
+  await page.evaluate(() => window.dcae.ready);
+  const autoAgain = await autoRun();
+  console.log(JSON.stringify({ ...env, reconstruct, generate, messages, logs, defaultPrecision, autoFirst, autoAgain,
     bad_image_message: bad && messages.some((m) => m.includes("not an image")), page_still_works: Number.isFinite(again) }));
 } finally {
   await browser.close();

@@ -1,0 +1,72 @@
+// precision "auto" in the browser (lib/precision.js) on injected timings: no browser, no bundle files.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import { cacheKey, choose, gated, resolveAuto } from "../lib/precision.js";
+
+const art = (pass) => ({ files: ["x.onnx"], ...(pass === undefined ? {} : { validation: { pass } }) });
+const manifest = (arts, files = { "vae_decoder/model.onnx": { sha256: "ab", bytes: 1 } }) => ({
+  files, graphs: { vae_decoder: { artifacts: arts } },
+});
+
+class MemoryStorage { // localStorage's interface
+  constructor(items = {}) { this.items = { ...items }; }
+  getItem(k) { return k in this.items ? this.items[k] : null; }
+  setItem(k, v) { this.items[k] = String(v); }
+}
+
+test("gated: artifacts that exist and passed their check; fp32 needs no recorded check", () => {
+  const m = manifest({ "onnx/fp32": art(), "onnx/fp16": art(false), "onnx/int8": art(true), "openvino/int8": art(true) });
+  assert.deepEqual(gated(m, "vae_decoder"), ["fp32", "int8"]);
+  assert.deepEqual(gated(manifest({ "onnx/fp32": art(), "onnx/int8": art() }), "vae_decoder"), ["fp32"]); // int8 never checked
+  assert.deepEqual(gated(m, "transformer"), []);
+});
+
+test("choose: the fastest gated precision; a tie within 5% goes to the more accurate one", () => {
+  assert.deepEqual(choose({ fp32: 600, int8: 400 }, ["fp32", "int8"])[0], "int8");
+  const [p, why] = choose({ fp32: 410, int8: 400 }, ["fp32", "int8"]);
+  assert.equal(p, "fp32");
+  assert.match(why, /level with int8 within 5%, and more accurate/);
+  assert.equal(choose({ fp32: 600, int8: 100 }, ["fp32"])[0], "fp32"); // a failed gate is never picked, however fast
+  assert.equal(choose({ fp32: null, int8: null }, ["fp32", "int8"])[0], "fp32");
+});
+
+test("resolveAuto: times what is not remembered, remembers it, reuses it; never a failed gate", async () => {
+  const m = manifest({ "onnx/fp32": art(), "onnx/fp16": art(true), "onnx/int8": art(true) });
+  const storage = new MemoryStorage();
+  const timed = [];
+  const time = async (p) => { timed.push(p); return { fp32: 600, int8: 420 }[p]; };
+  const key = cacheKey(m, "wasm", 2, "test");
+  const first = await resolveAuto(m, "vae_decoder", "wasm", { time, storage, key });
+  assert.equal(first.precision, "int8");
+  assert.equal(first.source, "timed");
+  assert.deepEqual(timed, ["fp32", "int8"]); // fp16 is not worth timing on WASM: no fp16 arithmetic there
+  assert.deepEqual(first.skipped, ["fp16"]);
+  assert.deepEqual(JSON.parse(storage.getItem(key)).vae_decoder, { fp32: 600, int8: 420 });
+  const again = await resolveAuto(m, "vae_decoder", "wasm", { time, storage, key });
+  assert.equal(again.source, "remembered");
+  assert.equal(timed.length, 2);
+  // another bundle (other checksums), backend or thread count: timed again
+  assert.notEqual(cacheKey(manifest({}, { "vae_decoder/model.onnx": { sha256: "cd", bytes: 1 } }), "wasm", 2, "test"), key);
+  assert.notEqual(cacheKey(m, "wasm", 1, "test"), key);
+  assert.notEqual(cacheKey(m, "webgpu", 2, "test"), key);
+  // the INT8 gate failed: int8 is not even timed, fp32 is the only candidate
+  const failed = manifest({ "onnx/fp32": art(), "onnx/int8": art(false) });
+  const only = await resolveAuto(failed, "vae_decoder", "wasm", { time: async () => assert.fail("timed"), storage: new MemoryStorage(), key: "k" });
+  assert.equal(only.precision, "fp32");
+  assert.equal(only.source, "only");
+});
+
+test("resolveAuto: an unreadable memory is timed again; a precision that cannot run is left out", async () => {
+  const m = manifest({ "onnx/fp32": art(), "onnx/int8": art(true) });
+  for (const junk of ["{\"vae_decoder\": {\"fp32\": 3.0", "[1, 2]", "{\"vae_decoder\": {\"fp32\": \"fast\", \"int8\": -1}}"]) {
+    const storage = new MemoryStorage({ k: junk });
+    const res = await resolveAuto(m, "vae_decoder", "wasm", { time: async (p) => ({ fp32: 5, int8: 9 }[p]), storage, key: "k" });
+    assert.equal(res.precision, "fp32");
+    assert.equal(res.source, "timed");
+  }
+  const broken = await resolveAuto(m, "vae_decoder", "wasm", {
+    time: async (p) => { if (p === "int8") throw new Error("no kernel"); return 7; }, storage: null, key: "k" });
+  assert.equal(broken.precision, "fp32");
+  assert.match(broken.why, /fp32 7\.0 ms \(the only one timed\)/);
+});
