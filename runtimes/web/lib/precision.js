@@ -49,12 +49,12 @@ export function cacheKey(manifest, backend, threads, device = "") {
   return `dcae-edge/precision/${h1.toString(16).padStart(8, "0")}${h2.toString(16).padStart(8, "0")}`;
 }
 
-/** Timings a probe could have written ({precision: ms > 0} or null = could not run); anything else is dropped. */
+/** Timings a probe could have written ({precision: ms > 0}); anything else is dropped (and timed again). */
 export function usableTimings(entry) {
   if (!entry || typeof entry !== "object" || Array.isArray(entry)) return {};
   const keep = {};
   for (const [p, v] of Object.entries(entry)) {
-    if (v === null || (typeof v === "number" && Number.isFinite(v) && v > 0)) keep[p] = v;
+    if (typeof v === "number" && Number.isFinite(v) && v > 0) keep[p] = v;
   }
   return keep;
 }
@@ -87,8 +87,9 @@ export async function resolveAuto(manifest, graph, backend, { time, storage = nu
   for (const p of missing) {
     try { timings[p] = await time(p); } catch { timings[p] = null; }
   }
-  if (missing.length && storage) {
-    try { storage.setItem(key, JSON.stringify({ ...remembered, [graph]: timings })); }
+  if (missing.length && storage) { // what could not run is not remembered: a failed download is retried next visit
+    const ran = Object.fromEntries(Object.entries(timings).filter(([, t]) => t !== null));
+    try { storage.setItem(key, JSON.stringify({ ...remembered, [graph]: ran })); }
     catch { /* storage full or disabled: time again next visit */ }
   }
   const [precision, why] = choose(timings, allowed);

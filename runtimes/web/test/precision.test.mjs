@@ -65,8 +65,13 @@ test("resolveAuto: an unreadable memory is timed again; a precision that cannot 
     assert.equal(res.precision, "fp32");
     assert.equal(res.source, "timed");
   }
+  const storage = new MemoryStorage();
   const broken = await resolveAuto(m, "vae_decoder", "wasm", {
-    time: async (p) => { if (p === "int8") throw new Error("no kernel"); return 7; }, storage: null, key: "k" });
+    time: async (p) => { if (p === "int8") throw new Error("no kernel"); return 7; }, storage, key: "k" });
   assert.equal(broken.precision, "fp32");
   assert.match(broken.why, /fp32 7\.0 ms \(the only one timed\)/);
+  assert.deepEqual(JSON.parse(storage.getItem("k")).vae_decoder, { fp32: 7 }); // not remembered: tried again next visit
+  const retried = [];
+  await resolveAuto(m, "vae_decoder", "wasm", { time: async (p) => { retried.push(p); return 5; }, storage, key: "k" });
+  assert.deepEqual(retried, ["int8"]);
 });
