@@ -19,6 +19,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def chart(report: dict, path: Path) -> None:
+    """Grouped bars per graph: native onnxruntime and WASM (1 and 2 threads) at each precision, auto's pick marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    graphs = list(dict.fromkeys(r["graph"] for r in rows))
+    fig, axes = plt.subplots(1, len(graphs), figsize=(4.2 * len(graphs), 4))
+    for ax, graph in zip(axes if len(graphs) > 1 else [axes], graphs):
+        mine = [r for r in rows if r["graph"] == graph]
+        for k, (key, label, color) in enumerate((("python_ort_ms", "native ORT (2 threads)", "tab:gray"),
+                                                 ("wasm_1t_ms", "WASM 1 thread", "tab:orange"),
+                                                 ("wasm_2t_ms", "WASM 2 threads", "tab:blue"))):
+            ax.bar([i + 0.27 * (k - 1) for i in range(len(mine))], [r[key] or 0 for r in mine], 0.27, label=label, color=color)
+        ax.set_xticks(range(len(mine)), [r["precision"] + ("\n(auto)" if r["auto"] else "") for r in mine])
+        ax.set_title(graph, fontsize=10)
+        ax.set_ylabel("median ms")
+        ax.grid(axis="y", alpha=0.3)
+    (axes[0] if len(graphs) > 1 else axes).legend(fontsize=8)
+    fig.suptitle(f"{report['resolution']}², {report['cpu']} [{report['isa']}]; auto: the page's pick from WASM 2 threads",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     from dcae_edge.cli import at_least
     from dcae_edge.timing import time_calls
@@ -73,6 +101,8 @@ def main():
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['graph']} | {r['precision']}{' **auto**' if r['auto'] else ''} | {r['python_ort_ms']} | {r['wasm_1t_ms']} | "
               f"{r['wasm_2t_ms']} | {r['ratio_1t']}x | {r['ratio_2t']}x |" for r in rows]
+    chart(report, out.with_suffix(".png"))
+    lines += ["", f"![browser vs native]({out.with_suffix('.png').name})"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
