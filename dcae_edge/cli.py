@@ -27,6 +27,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 fraction = _number(float, lambda v: 0 < v <= 1, "give a fraction above 0 and at most 1")  # in (0, 1]
 non_negative = _number(float, lambda v: v >= 0, "give 0 or more")  # sizes in MB: 0 means every graph
+port = _number(int, lambda v: 0 <= v <= 65535, "give a port from 0 to 65535 (0: any free one)")
 
 
 OWN_PACKAGES = ("dcae_edge", "export", "calibration", "runtimes", "scripts")

@@ -564,6 +564,7 @@ def test_calibration_without_photos_falls_back_to_the_packaged_ones(copy, tmp_pa
     ("export.openvino", ["--lean-above", "-1"], "argument --lean-above: -1.0: give 0 or more"),
     ("runtimes.bench", ["--bundle", "b", "--rounds", "0"], "argument --rounds: 0: give at least 1"),
     ("runtimes.reconstruct", ["--bundle", "b", "--size", "0", "x.jpg"], "argument --size: 0: give at least 1"),
+    ("runtimes.web.__main__", ["--bundle", "b", "--port", "99999"], "argument --port: 99999: give a port from 0 to 65535"),
 ])
 def test_out_of_range_flags_are_usage_errors(module, argv, message, capsys):
     """Counts and sizes out of range stop at the command line (exit 2, the flag named) instead of running with a

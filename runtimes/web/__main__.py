@@ -19,6 +19,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from dcae_edge.cli import port
+
 WEB = Path(__file__).resolve().parent
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
 ASSETS = WEB.parents[1] / "dcae_edge" / "assets"
@@ -109,8 +111,10 @@ def make_server(bundle: Path, port: int = 8000, host: str = "127.0.0.1") -> Thre
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
-    ap.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    ap.add_argument("--port", type=port, default=8000, help="0 = any free port")
     args = ap.parse_args(argv)
+    if args.bundle.name == "manifest.json" and args.bundle.is_file():  # the manifest itself given: its bundle
+        args.bundle = args.bundle.parent
     if not ORT_DIST.is_dir():
         print("warning: onnxruntime-web is not installed: run `npm ci` in runtimes/web (the page needs it)", file=sys.stderr)
     try:
