@@ -42,11 +42,11 @@ def short_warnings() -> None:
 
     root, default = Path(__file__).resolve().parents[1], warnings.formatwarning
 
-    def format(message, category, filename, lineno, line=None):
+    def one_line(message, category, filename, lineno, line=None):
         try:
             own = Path(filename).resolve().relative_to(root).parts[0] in OWN_PACKAGES
         except (ValueError, IndexError):
             own = False
         return f"warning: {message}\n" if own and issubclass(category, UserWarning) else default(message, category, filename, lineno, line)
 
-    warnings.formatwarning = format
+    warnings.formatwarning = one_line
