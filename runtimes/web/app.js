@@ -63,7 +63,7 @@ async function autoPrecision(graph) { // once per graph and backend: remembered,
       }
     }
     const source = { timed: "timed in this browser; ", remembered: "remembered from an earlier visit; ", only: "" }[res.source];
-    const why = { wasm: "no fp16 arithmetic there", webgpu: "its QDQ ops fall back to WASM kernels" }[state.backend];
+    const why = { wasm: "no fp16 arithmetic there", webgpu: "no QuantizeLinear kernel there: each quantized op would go back to WASM" }[state.backend];
     say(`precision auto: ${graph} → ${res.why}; ${source}${state.backend}, ${n} thread${n === 1 ? "" : "s"}` +
       (res.skipped.length ? `; ${res.skipped.join(", ")} not timed on ${state.backend} (${why})` : ""));
     state.auto.set(k, res.precision);

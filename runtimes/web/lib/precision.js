@@ -9,8 +9,9 @@ export const ACCURACY_ORDER = ["fp32", "fp16", "int8"];
 
 // What each onnxruntime-web backend is worth probing. WASM has no fp16 arithmetic: an fp16 graph
 // computes in fp32 kernels after casts (bundled f64 decoder at 512², Chromium, 2 threads: fp16 582–633
-// vs fp32 584–592 ms), so only its download is smaller. WebGPU runs fp16 natively, and INT8's QDQ
-// graphs there fall back to WASM kernels op by op.
+// vs fp32 584–592 ms), so only its download is smaller. WebGPU runs fp16 natively; it has no QuantizeLinear
+// kernel (onnxruntime-web 1.30, docs/webgpu-operators.md: DequantizeLinear only), so an INT8 QDQ graph would
+// go back to WASM at every quantized op. (WebGPU is untested here: headless Chromium offers no adapter.)
 export const PROBED = { wasm: ["fp32", "int8"], webgpu: ["fp32", "fp16"] };
 
 /** Precisions of one graph whose ONNX artifact exists and passed its check, in accuracy order. */
