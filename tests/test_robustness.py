@@ -470,6 +470,7 @@ def test_rough_edges_from_trying_it_as_a_user(models, bundle, tmp_path, capsys):
         shutil.copy(ROOT / "dcae_edge" / "assets" / f"{name}.jpg", tmp_path / "photos")
     res = cli("-m", "runtimes.reconstruct", "--bundle", str(bundle), str(tmp_path / "photos"), "--out", str(tmp_path / "r"))
     assert res.returncode == 0 and len(list((tmp_path / "r").glob("*_recon.png"))) == 2
+    assert re.search(r"2 image\(s\) through onnxruntime: vae_encoder (fp32|fp16|int8), vae_decoder (fp32|fp16|int8)", res.stdout)
     row("CLI", "runtimes.reconstruct on a folder of photos", "one <name>_recon.png per photo")
     res = cli("-m", "runtimes.reconstruct", "--bundle", str(bundle), str(photo), "--out", str(tmp_path / "rec.png"))
     assert res.returncode == 0 and (tmp_path / "rec.png").is_file()
@@ -481,7 +482,8 @@ def test_rough_edges_from_trying_it_as_a_user(models, bundle, tmp_path, capsys):
     # the last line names what each graph ran at, not the "auto" it was asked for
     assert re.search(r"\(onnxruntime: transformer (fp32|fp16|int8), vae_decoder (fp32|fp16|int8)\)", res.stdout), res.stdout
     row("CLI", "runtimes.generate --out gen (no extension)", "a folder with one PNG per image (was a PIL traceback)")
-    row("CLI", "runtimes.generate's last line under precision auto", "names each graph's precision as run (was 'auto')")
+    row("CLI", "runtimes.generate's / runtimes.reconstruct's last line under precision auto",
+        "names each graph's precision as run (was 'auto' / nothing)")
     res = cli("-m", "export.onnx", "--weights", str(models / "ae.safetensors"), "--graphs", "vae_decoder", "--resolution",
               "128", "--out", str(tmp_path / "b"))
     assert res.returncode == 0 and "torchvision" not in res.stdout + res.stderr
