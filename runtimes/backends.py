@@ -310,15 +310,15 @@ class TorchGraph:
         self.provider = f"torch:{device}"
 
     @staticmethod
-    def _bundled(source: str) -> str:
+    def _bundled(source: str, how: str = "pass weights=PATH") -> str:
+        """The weights a bundle was exported from, on this machine; ``how``: what the caller's user passes instead."""
         from dcae_edge.checkpoints import BUNDLED_DIR
 
         if (BUNDLED_DIR / source).is_file():
             return str(BUNDLED_DIR / source)
         if Path(source).exists() or "/" not in source:
             return source  # a variant alias, preset, random:..., or a path that exists here
-        raise RuntimeUnavailable(f"the torch reference needs the weights this bundle was exported from ({source}); "
-                                 "pass weights=PATH")
+        raise RuntimeUnavailable(f"the torch reference needs the weights this bundle was exported from ({source}); {how}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch

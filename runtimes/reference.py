@@ -124,11 +124,11 @@ def main(argv=None):
 
         try:
             manifest = read_manifest(args.bundle, verify=False)
-            ae_src = args.autoencoder or TorchGraph._bundled(manifest["autoencoder"]["source"])
+            ae_src = args.autoencoder or TorchGraph._bundled(manifest["autoencoder"]["source"], "pass --autoencoder PATH")
             dn_src = args.denoiser or ((manifest.get("denoiser") or {}).get("source") and
-                                       TorchGraph._bundled(manifest["denoiser"]["source"]))
+                                       TorchGraph._bundled(manifest["denoiser"]["source"], "pass --denoiser PATH"))
         except (BundleError, RuntimeUnavailable) as e:  # no bundle there; weights not on this machine
-            print(f"error: {e}".replace("pass weights=PATH", "pass --autoencoder / --denoiser PATH"), file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         res = manifest["resolution"]
         out = args.out or str(Path(args.bundle) / f"reference-{args.device}.safetensors")
