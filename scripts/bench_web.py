@@ -74,13 +74,16 @@ def main():
     browser = json.loads(r.stdout.strip().splitlines()[-1])
     m = read_manifest(args.bundle, verify=False)
     rows = []
+    pipes = {}  # one native pipeline per precision, shared by the graphs
     for graph, by_precision in browser["2"]["graphs"].items():
         # what the page's auto weighs on WASM: the gated fp32 and int8 (fp16: no fp16 arithmetic there)
         allowed = [p for p in gated(m, graph, "onnxruntime") if p in ("fp32", "int8")]
         auto, _ = choose({p: ms for p, ms in by_precision.items() if p in allowed}, allowed)
+        feeds = probe_inputs(m, graph)
         for precision, w2 in by_precision.items():
-            runner = open_bundle(args.bundle, "onnxruntime", precision, threads=2)._runner(graph)
-            feeds = probe_inputs(m, graph)
+            if precision not in pipes:
+                pipes[precision] = open_bundle(args.bundle, "onnxruntime", precision, threads=2)
+            runner = pipes[precision]._runner(graph)
             ms = round(statistics.median(time_calls(lambda: runner.run(feeds), args.runs * (4 if graph == "transformer" else 1))), 1)
             w1 = browser["1"]["graphs"].get(graph, {}).get(precision)
             rows.append({"graph": graph, "precision": precision, "auto": precision == auto, "python_ort_ms": ms,
