@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return 2
     names = [pipe.class_names[c] for c in classes] if classes and pipe.class_names else None
     print(f"wrote {args.out}: {len(images)} images in {time.perf_counter() - t:.1f} s "
-          f"({args.backend}: {', '.join(f'{g} {p}' for g, p in pipe.ran_as().items())})"
+          f"({pipe.ran_as_line()})"
           + (f", classes {names}" if names else ""))
     return 0
 

@@ -23,7 +23,11 @@ def expand_inputs(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ValueError(f"{p} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                subs = sorted(d.name for d in p.iterdir() if d.is_dir() and any(
+                    f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*")))
+                hint = (f"; images are further down, in {', '.join(subs)}: pass image files or the folders that hold them "
+                        "(folders are not searched recursively)") if subs else ""
+                raise ValueError(f"{p} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
             out += found
         elif p.is_file():
             out.append(p)

@@ -254,6 +254,10 @@ class Pipeline:
         return {g: p + (" (run as f32: no native bf16 here)" if getattr(r, "bf16_as_f32", False) else "")
                 for (g, _, p), r in self._runners.items()}
 
+    def ran_as_line(self) -> str:
+        """``ran_as`` on one line, for a CLI's last line: "onnxruntime: vae_encoder fp32, vae_decoder int8"."""
+        return f"{self.backend}: " + ", ".join(f"{g} {p}" for g, p in self.ran_as().items())
+
     def _branch_ok(self, graph: str, height_px: int, width_px: int) -> bool:
         g = self.manifest["graphs"][graph]
         return all(((height_px // s["scale"]) * (width_px // s["scale"]) > g["head_dim"]) == s["linear"]

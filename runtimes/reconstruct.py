@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except (BundleError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(inputs)} image(s) through {args.backend}: {', '.join(f'{g} {p}' for g, p in pipe.ran_as().items())}")
+    print(f"{len(inputs)} image(s) through {pipe.ran_as_line()}")
     return 0
 
 

@@ -472,6 +472,9 @@ def test_rough_edges_from_trying_it_as_a_user(models, bundle, tmp_path, capsys):
     assert res.returncode == 0 and len(list((tmp_path / "r").glob("*_recon.png"))) == 2
     assert re.search(r"2 image\(s\) through onnxruntime: vae_encoder (fp32|fp16|int8), vae_decoder (fp32|fp16|int8)", res.stdout)
     row("CLI", "runtimes.reconstruct on a folder of photos", "one <name>_recon.png per photo")
+    res = cli("-m", "runtimes.reconstruct", "--bundle", str(bundle), str(tmp_path), "--out", str(tmp_path / "r2"))
+    assert res.returncode == 2 and "images are further down, in photos" in one_line_error(res) and not (tmp_path / "r2").exists()
+    row("CLI", "runtimes.reconstruct on a folder whose images are in sub-folders", "exit 2: names the sub-folders that hold them")
     res = cli("-m", "runtimes.reconstruct", "--bundle", str(bundle), str(photo), "--out", str(tmp_path / "rec.png"))
     assert res.returncode == 0 and (tmp_path / "rec.png").is_file()
     res = cli("-m", "runtimes.reconstruct", "--bundle", str(bundle), str(tmp_path / "photos"), "--out", str(tmp_path / "x.png"))
