@@ -118,7 +118,7 @@ def test_node_tier_matches_python(web_bundle, tmp_path):
                          cwd=WEB, capture_output=True, text=True, env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
     print(res.stdout[-4000:], res.stderr[-2000:])
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "# pass 8" in res.stdout and "# fail 0" in res.stdout
+    assert "# pass 9" in res.stdout and "# fail 0" in res.stdout
 
 
 def test_browser_auto_follows_the_python_rule():
@@ -188,6 +188,46 @@ def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
     ref = np.clip(np.round((ref + 1) * 127.5), 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
     page = np.asarray(first["pixels"], np.uint8).reshape(128, 128, 4)[..., :3]
     assert psnr_uint8(ref, page) >= 35, (first["chosen"], psnr_uint8(ref, page))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
+    """WebGPU on SwiftShader (Chromium's Vulkan on the CPU): the WebGPU execution provider's shaders give Python's
+    pixels at fp32; fp16 on an adapter without shader-f16 is refused in words and left out of auto."""
+    from PIL import Image
+
+    from runtimes import open_bundle
+    from runtimes.web.__main__ import serve_in_thread
+
+    npm_ci()
+    photo = (np.clip(np.round((_photo(128)[0] + 1) * 127.5), 0, 255).astype(np.uint8)).transpose(1, 2, 0)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    server, url = serve_in_thread(web_bundle)
+    try:
+        r = browser("webgpu.mjs", url, tmp_path)
+    finally:
+        server.shutdown()
+    if r["adapter"] is None:
+        pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
+    assert r["backend"] == "webgpu" and r["label"].startswith("WEBGPU ·"), r["label"]
+    pipe = open_bundle(web_bundle, precision="fp32")
+    ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)
+    page = np.asarray(r["reconstruct"], np.uint8).reshape(128, 128, 4)[..., :3]
+    assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    for i, image in enumerate(pipe.generate([0, 2], seed=3)):
+        ref = np.clip(np.round((image + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        page = np.asarray(r["generate"][i], np.uint8).reshape(128, 128, 4)[..., :3]
+        assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    if r["adapter"]["shaderF16"]:  # a real GPU behind this Chromium: fp16 runs and auto may pick it
+        assert r["fp16"] == "ran" and set(r["chosen"].values()) <= {"fp32", "fp16"}, r
+    else:
+        assert "has no shader-f16" in r["fp16"] and "choose fp32 or auto" in r["fp16"], r["fp16"]
+        assert r["chosen"] == {"vae_encoder": "fp32", "vae_decoder": "fp32"}, r["chosen"]
+        for graph in ("vae_encoder", "vae_decoder"):
+            said = [m for m in r["messages"] if m.startswith(f"precision auto: {graph} →")]
+            assert len(said) == 1 and "fp16 not timed on webgpu (this WebGPU adapter has no shader-f16" in said[0] \
+                and "int8 not timed on webgpu (no QuantizeLinear kernel" in said[0], said
+        assert not [m for m in r["messages"] if "cannot run here" in m], r["messages"]  # never tried, so no error
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,11 +4,12 @@
 // window.dcae exposes the same actions for scripted use (the browser tests drive it).
 import * as ortWasm from "onnxruntime-web";
 import { BundleError, describeBundle, loadBundle, openGraph } from "./lib/bundle.js";
-import { cacheKey, resolveAuto } from "./lib/precision.js";
+import { cacheKey, NO_SHADER_F16, resolveAuto } from "./lib/precision.js";
 import { generate, SamplerError } from "./lib/sampler.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false };
+const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false,
+  gpu: {} }; // the WebGPU adapter in use: {name, shaderF16, fallback}
 
 function say(text, kind = "info") {
   const div = document.createElement("div");
@@ -30,6 +31,9 @@ async function session(graph, asked = $("precision").value || "auto") {
   const precision = asked === "auto" ? await autoPrecision(graph) : asked;
   const have = state.info.precisions[graph];
   const use = have.includes(precision) ? precision : "fp32";
+  if (state.backend === "webgpu" && use === "fp16" && state.gpu.shaderF16 === false) { // say so, not the shader compiler
+    throw new BundleError(`${graph} fp16: ${NO_SHADER_F16}; choose fp32 or auto, or the WASM backend`);
+  }
   const key = `${graph}/${use}/${state.backend}`;
   if (!state.sessions.has(key)) {
     if (use !== precision) say(`${graph} has no ${precision} artifact; using fp32`, "warn");
@@ -47,8 +51,9 @@ async function autoPrecision(graph) { // once per graph and backend: remembered,
   if (!state.auto.has(k)) {
     const n = state.ort.env.wasm.numThreads;
     let timing = null; // the "timing ..." notice, replaced by the choice
-    const key = cacheKey(state.bundle.manifest, state.backend, n, `${navigator.userAgent}|${navigator.hardwareConcurrency}`);
-    const res = await resolveAuto(state.bundle.manifest, graph, state.backend, { key, storage: storage(),
+    const key = cacheKey(state.bundle.manifest, state.backend, n,
+      `${navigator.userAgent}|${navigator.hardwareConcurrency}|${state.backend === "webgpu" ? state.gpu.name : ""}`);
+    const res = await resolveAuto(state.bundle.manifest, graph, state.backend, { key, storage: storage(), device: state.gpu,
       time: async (p) => {
         try { return await timeSession(await session(graph, p), probeFeeds(graph), 3); }
         catch (e) { say(`precision auto: ${graph} ${p} cannot run here, left out: ${e.message || e}`, "error"); throw e; }
@@ -63,9 +68,9 @@ async function autoPrecision(graph) { // once per graph and backend: remembered,
       }
     }
     const source = { timed: "timed in this browser; ", remembered: "remembered from an earlier visit; ", only: "" }[res.source];
-    const why = { wasm: "no fp16 arithmetic there", webgpu: "no QuantizeLinear kernel there: each quantized op would go back to WASM" }[state.backend];
-    say(`precision auto: ${graph} → ${res.why}; ${source}${state.backend}, ${n} thread${n === 1 ? "" : "s"}` +
-      (res.skipped.length ? `; ${res.skipped.join(", ")} not timed on ${state.backend} (${why})` : ""));
+    const where = state.backend === "webgpu" ? `webgpu (${state.gpu.name})` : `${state.backend}, ${n} thread${n === 1 ? "" : "s"}`;
+    say(`precision auto: ${graph} → ${res.why}; ${source}${where}` +
+      res.skipped.map((s) => `; ${s.precision} not timed on ${state.backend} (${s.why})`).join(""));
     state.auto.set(k, res.precision);
   }
   return state.auto.get(k);
@@ -213,12 +218,17 @@ async function guarded(fn) { // one action at a time; any error becomes a messag
 
 async function setBackend(name) {
   if (name === "webgpu") {
-    if (!("gpu" in navigator) || !(await navigator.gpu.requestAdapter().catch(() => null))) {
+    const adapter = "gpu" in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+    if (!adapter) {
       $("backend").value = "wasm";
       say("WebGPU was asked for but this browser offers no WebGPU adapter: running on WASM", "warn");
       name = "wasm";
     } else {
       state.ort = await import("onnxruntime-web/webgpu");
+      // onnxruntime-web asks for the default adapter too (same options): the one whose features are read here
+      const info = adapter.info || {};
+      state.gpu = { name: [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "unknown adapter",
+        shaderF16: adapter.features.has("shader-f16"), fallback: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter) };
     }
   }
   if (name === "wasm") state.ort = ortWasm;
@@ -227,7 +237,9 @@ async function setBackend(name) {
   state.backend = name;
   state.sessions.clear();
   state.auto.clear();
-  $("threads").textContent = `${name.toUpperCase()} · ${crossOriginIsolated ? `cross-origin isolated, ${state.ort.env.wasm.numThreads} threads` : "not isolated: 1 thread"}`;
+  $("threads").textContent = `${name.toUpperCase()} · ` + (name === "webgpu"
+    ? `${state.gpu.name}${state.gpu.fallback ? " (a software fallback adapter)" : ""}${state.gpu.shaderF16 ? "" : ", no shader-f16"}`
+    : crossOriginIsolated ? `cross-origin isolated, ${state.ort.env.wasm.numThreads} threads` : "not isolated: 1 thread");
 }
 
 async function init() {

@@ -7,12 +7,18 @@
 export const AUTO_TIE = 0.05;
 export const ACCURACY_ORDER = ["fp32", "fp16", "int8"];
 
-// What each onnxruntime-web backend is worth probing. WASM has no fp16 arithmetic: an fp16 graph
-// computes in fp32 kernels after casts (bundled f64 decoder at 512², Chromium, 2 threads: fp16 582–633
-// vs fp32 584–592 ms), so only its download is smaller. WebGPU runs fp16 natively; it has no QuantizeLinear
-// kernel (onnxruntime-web 1.30, docs/webgpu-operators.md: DequantizeLinear only), so an INT8 QDQ graph would
-// go back to WASM at every quantized op. (WebGPU is untested here: headless Chromium offers no adapter.)
+// What each onnxruntime-web backend is worth probing, and why the others are not. WASM has no fp16
+// arithmetic: an fp16 graph computes in fp32 kernels after casts (bundled f64 decoder at 512², Chromium,
+// 2 threads: fp16 582–633 vs fp32 584–592 ms), so only its download is smaller. WebGPU runs fp16 natively
+// where the adapter has shader-f16; it has no QuantizeLinear kernel (onnxruntime-web 1.30,
+// docs/webgpu-operators.md: DequantizeLinear only), so an INT8 QDQ graph would go back to WASM at every
+// quantized op. (The WebGPU tier of tests/test_web.py runs on SwiftShader's CPU Vulkan: fp32 checked, no shader-f16.)
 export const PROBED = { wasm: ["fp32", "int8"], webgpu: ["fp32", "fp16"] };
+export const NOT_PROBED_WHY = {
+  wasm: { fp16: "no fp16 arithmetic there" },
+  webgpu: { int8: "no QuantizeLinear kernel there: each quantized op would go back to WASM" },
+};
+export const NO_SHADER_F16 = "this WebGPU adapter has no shader-f16: fp16 shaders cannot compile";
 
 /** Precisions of one graph whose ONNX artifact exists and passed its check, in accuracy order. */
 export function gated(manifest, graph) {
@@ -38,7 +44,8 @@ export function choose(timings, allowed) {
   return [best, why];
 }
 
-/** A short stable key for remembered timings: the bundle's checksums, the backend, threads and this device. */
+/** A short stable key for remembered timings: the bundle's checksums, the backend, threads and this device
+ * (on WebGPU, the adapter too: another GPU is timed again). */
 export function cacheKey(manifest, backend, threads, device = "") {
   const text = JSON.stringify(manifest.files || {}) + `|${backend}|${threads}|${device}`;
   let h1 = 0x811c9dc5, h2 = 0x01000193; // two FNV-1a-style 32-bit hashes: collisions across bundles are not a concern
@@ -60,21 +67,28 @@ export function usableTimings(entry) {
   return keep;
 }
 
-/** [the gated precisions worth timing on this backend, the gated ones left out] */
-export function candidates(manifest, graph, backend) {
+/**
+ * [the gated precisions worth timing on this backend, [{precision, why}] the gated ones left out].
+ * `device.shaderF16 === false` (a WebGPU adapter without the feature) leaves fp16 out too.
+ */
+export function candidates(manifest, graph, backend, device = {}) {
   const worth = PROBED[backend] || ["fp32"];
   const all = gated(manifest, graph);
-  return [all.filter((p) => worth.includes(p)), all.filter((p) => !worth.includes(p))];
+  const why = (p) => (backend === "webgpu" && p === "fp16" && device.shaderF16 === false ? NO_SHADER_F16
+    : (NOT_PROBED_WHY[backend] || {})[p] || `not probed on ${backend}`);
+  const runs = (p) => worth.includes(p) && !(backend === "webgpu" && p === "fp16" && device.shaderF16 === false);
+  return [all.filter(runs), all.filter((p) => !runs(p)).map((p) => ({ precision: p, why: why(p) }))];
 }
 
 /**
- * The precision auto runs one graph at: {precision, why, source: "only" | "timed" | "remembered", skipped}.
- * `time(precision)` -> median ms (throws: that precision cannot run here); `storage` like localStorage
+ * The precision auto runs one graph at: {precision, why, source: "only" | "timed" | "remembered", skipped}
+ * (skipped: [{precision, why}]). `time(precision)` -> median ms (throws: that precision cannot run here);
+ * `device` what the backend's hardware lacks ({shaderF16: false}); `storage` like localStorage
  * (getItem/setItem; null: nothing remembered). A remembered timing is reused; a candidate without one is timed
  * (`onTiming(precisions)` is told first: a probe takes seconds on a slow device).
  */
-export async function resolveAuto(manifest, graph, backend, { time, storage = null, key = "", onTiming = () => {} }) {
-  const [allowed, skipped] = candidates(manifest, graph, backend);
+export async function resolveAuto(manifest, graph, backend, { time, storage = null, key = "", device = {}, onTiming = () => {} }) {
+  const [allowed, skipped] = candidates(manifest, graph, backend, device);
   if (allowed.length <= 1) {
     const p = allowed[0] || "fp32";
     return { precision: p, why: `${p} (the only gated artifact worth timing on ${backend})`, source: "only", skipped };

@@ -2,11 +2,15 @@
 // download), with the flags this closed network needs.
 import { chromium } from "playwright-core";
 
-export async function openPage(url) {
+// WebGPU without a GPU: Chromium's SwiftShader (Vulkan on the CPU) as the adapter. Slow, and without
+// shader-f16, but the same WebGPU execution provider and shaders a real GPU gets.
+export const SWIFTSHADER_WEBGPU = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-unsafe-swiftshader"];
+
+export async function openPage(url, { webgpu = false } = {}) {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync"],
+    args: ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", ...(webgpu ? SWIFTSHADER_WEBGPU : ["--disable-gpu"])],
   });
   const page = await browser.newPage({ viewport: { width: 1100, height: 1100 } });
   const logs = [];

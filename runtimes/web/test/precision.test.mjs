@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { cacheKey, choose, gated, resolveAuto } from "../lib/precision.js";
+import { cacheKey, choose, gated, NO_SHADER_F16, resolveAuto } from "../lib/precision.js";
 
 const art = (pass) => ({ files: ["x.onnx"], ...(pass === undefined ? {} : { validation: { pass } }) });
 const manifest = (arts, files = { "vae_decoder/model.onnx": { sha256: "ab", bytes: 1 } }) => ({
@@ -41,7 +41,7 @@ test("resolveAuto: times what is not remembered, remembers it, reuses it; never 
   assert.equal(first.precision, "int8");
   assert.equal(first.source, "timed");
   assert.deepEqual(timed, ["fp32", "int8"]); // fp16 is not worth timing on WASM: no fp16 arithmetic there
-  assert.deepEqual(first.skipped, ["fp16"]);
+  assert.deepEqual(first.skipped, [{ precision: "fp16", why: "no fp16 arithmetic there" }]);
   assert.deepEqual(JSON.parse(storage.getItem(key)).vae_decoder, { fp32: 600, int8: 420 });
   const again = await resolveAuto(m, "vae_decoder", "wasm", { time, storage, key });
   assert.equal(again.source, "remembered");
@@ -74,4 +74,19 @@ test("resolveAuto: an unreadable memory is timed again; a precision that cannot 
   const retried = [];
   await resolveAuto(m, "vae_decoder", "wasm", { time: async (p) => { retried.push(p); return 5; }, storage, key: "k" });
   assert.deepEqual(retried, ["int8"]);
+});
+
+test("resolveAuto on WebGPU: fp32 and fp16 timed; fp16 left out, with the reason, on an adapter without shader-f16", async () => {
+  const m = manifest({ "onnx/fp32": art(), "onnx/fp16": art(true), "onnx/int8": art(true) });
+  const timed = [];
+  const time = async (p) => { timed.push(p); return { fp32: 30, fp16: 12 }[p]; };
+  const gpu = await resolveAuto(m, "vae_decoder", "webgpu", { time, device: { shaderF16: true } });
+  assert.equal(gpu.precision, "fp16");
+  assert.deepEqual(timed, ["fp32", "fp16"]);
+  assert.match(gpu.skipped[0].why, /no QuantizeLinear kernel/);
+  const noF16 = await resolveAuto(m, "vae_decoder", "webgpu", { time: async () => assert.fail("timed"), device: { shaderF16: false } });
+  assert.equal(noF16.precision, "fp32");
+  assert.equal(noF16.source, "only");
+  assert.deepEqual(noF16.skipped.map((s) => s.precision), ["fp16", "int8"]);
+  assert.equal(noF16.skipped[0].why, NO_SHADER_F16);
 });
