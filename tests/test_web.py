@@ -158,6 +158,7 @@ def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
     finally:
         server.shutdown()
     assert r["isolated"] is True and r["threads"] >= 2, r
+    assert r["backend"] == "wasm" and r["backendSaid"] == ["backend auto: WASM (this browser offers no WebGPU adapter)"], r
     assert not [m for m in r["messages"] if "error" in m.lower()], r["messages"]
     pipe = open_bundle(web_bundle, precision="fp32")
     # reconstruct: the same 128² PNG through the page and through Python onnxruntime
@@ -209,6 +210,8 @@ def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
         server.shutdown()
     if r["adapter"] is None:
         pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
+    # the page's default backend (auto) does not take a software adapter: SwiftShader is slower than WASM
+    assert r["autoBackend"] == "wasm" and len(r["autoSaid"]) == 1 and "is a software fallback" in r["autoSaid"][0], r["autoSaid"]
     assert r["backend"] == "webgpu" and r["label"].startswith("WEBGPU ·"), r["label"]
     pipe = open_bundle(web_bundle, precision="fp32")
     ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)

@@ -216,20 +216,30 @@ async function guarded(fn) { // one action at a time; any error becomes a messag
   }
 }
 
+function describeAdapter(adapter) {
+  const info = adapter.info || {};
+  return { name: [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "unknown adapter",
+    shaderF16: adapter.features.has("shader-f16"), fallback: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter) };
+}
+
+// "auto" (the default): WebGPU where the browser offers a hardware adapter, else WASM. A software fallback
+// adapter (SwiftShader: Vulkan on the CPU) is slower than WASM by an order of magnitude, so it is not taken.
 async function setBackend(name) {
+  const adapter = name === "wasm" || !("gpu" in navigator) ? null : await navigator.gpu.requestAdapter().catch(() => null);
+  const gpu = adapter ? describeAdapter(adapter) : null;
+  if (name === "auto") {
+    name = gpu && !gpu.fallback ? "webgpu" : "wasm";
+    say(`backend auto: ${name === "webgpu" ? `WebGPU on ${gpu.name}`
+      : `WASM (${gpu ? `the WebGPU adapter, ${gpu.name}, is a software fallback` : "this browser offers no WebGPU adapter"})`}`);
+  } else if (name === "webgpu" && !gpu) {
+    $("backend").value = "wasm";
+    say("WebGPU was asked for but this browser offers no WebGPU adapter: running on WASM", "warn");
+    name = "wasm";
+  }
   if (name === "webgpu") {
-    const adapter = "gpu" in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
-    if (!adapter) {
-      $("backend").value = "wasm";
-      say("WebGPU was asked for but this browser offers no WebGPU adapter: running on WASM", "warn");
-      name = "wasm";
-    } else {
-      state.ort = await import("onnxruntime-web/webgpu");
-      // onnxruntime-web asks for the default adapter too (same options): the one whose features are read here
-      const info = adapter.info || {};
-      state.gpu = { name: [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "unknown adapter",
-        shaderF16: adapter.features.has("shader-f16"), fallback: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter) };
-    }
+    // onnxruntime-web asks for the default adapter too (same options): the one whose features are read here
+    state.ort = await import("onnxruntime-web/webgpu");
+    state.gpu = gpu;
   }
   if (name === "wasm") state.ort = ortWasm;
   state.ort.env.wasm.numThreads = threads();
@@ -243,7 +253,7 @@ async function setBackend(name) {
 }
 
 async function init() {
-  await setBackend("wasm");
+  await setBackend($("backend").value || "auto");
   try {
     state.bundle = await loadBundle(new URL("./bundle/", location.href).href);
   } catch (e) {

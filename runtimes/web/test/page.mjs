@@ -7,7 +7,8 @@ import { openPage } from "./browser.mjs";
 const [url, out] = process.argv.slice(2);
 const { browser, page, logs } = await openPage(url);
 try {
-  const env = await page.evaluate(() => ({ isolated: crossOriginIsolated, threads: window.dcae.state.ort.env.wasm.numThreads }));
+  const env = await page.evaluate(() => ({ isolated: crossOriginIsolated, threads: window.dcae.state.ort.env.wasm.numThreads,
+    backend: window.dcae.state.backend, backendSaid: window.dcae.messages().filter((m) => m.startsWith("backend auto")) }));
   const png = readFileSync(join(out, "photo.png")).toString("base64");
   const defaultPrecision = await page.evaluate(() => document.querySelector("#precision").value);
   await page.selectOption("#precision", "fp32"); // pixel parity against Python's fp32; auto is checked at the end

@@ -21,9 +21,10 @@ try {
         document.querySelector("#precision").value = p;
         document.querySelector("#precision").dispatchEvent(new Event("change"));
       };
+      const res = { autoBackend: window.dcae.state.backend, autoSaid: window.dcae.messages().filter((m) => m.startsWith("backend auto")) };
       document.querySelector("#backend").value = "webgpu";
       await window.dcae.setBackend("webgpu");
-      const res = { backend: window.dcae.state.backend, label: document.querySelector("#threads").textContent };
+      Object.assign(res, { backend: window.dcae.state.backend, label: document.querySelector("#threads").textContent });
       pick("fp32");
       const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
       res.reconstruct = (await window.dcae.reconstruct(new Blob([bytes], { type: "image/png" }))).pixels;
