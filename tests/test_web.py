@@ -142,21 +142,27 @@ def browser(script: str, url: str, out: Path, timeout: int = 600) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
+def page_run(script: str, bundle: Path, folder: Path) -> tuple[dict, np.ndarray]:
+    """Serve ``bundle``, save a 128² photo as ``folder``/photo.png, run a page script on it: (its JSON, the photo)."""
     from PIL import Image
 
-    from runtimes import open_bundle
     from runtimes.web.__main__ import serve_in_thread
 
     npm_ci()
     photo = (np.clip(np.round((_photo(128)[0] + 1) * 127.5), 0, 255).astype(np.uint8)).transpose(1, 2, 0)
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    server, url = serve_in_thread(web_bundle)
+    Image.fromarray(photo).save(folder / "photo.png")
+    server, url = serve_in_thread(bundle)
     try:
-        r = browser("page.mjs", url, tmp_path)
+        return browser(script, url, folder), photo
     finally:
         server.shutdown()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
+    from runtimes import open_bundle
+
+    r, photo = page_run("page.mjs", web_bundle, tmp_path)
     assert r["isolated"] is True and r["threads"] >= 2, r
     assert r["backend"] == "wasm" and r["backendSaid"] == ["backend auto: WASM (this browser offers no WebGPU adapter)"], r
     assert not [m for m in r["messages"] if "error" in m.lower()], r["messages"]
@@ -195,19 +201,9 @@ def test_page_in_headless_chromium_matches_python(web_bundle, tmp_path):
 def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
     """WebGPU on SwiftShader (Chromium's Vulkan on the CPU): the WebGPU execution provider's shaders give Python's
     pixels at fp32; fp16 on an adapter without shader-f16 is refused in words and left out of auto."""
-    from PIL import Image
-
     from runtimes import open_bundle
-    from runtimes.web.__main__ import serve_in_thread
 
-    npm_ci()
-    photo = (np.clip(np.round((_photo(128)[0] + 1) * 127.5), 0, 255).astype(np.uint8)).transpose(1, 2, 0)
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    server, url = serve_in_thread(web_bundle)
-    try:
-        r = browser("webgpu.mjs", url, tmp_path)
-    finally:
-        server.shutdown()
+    r, photo = page_run("webgpu.mjs", web_bundle, tmp_path)
     if r["adapter"] is None:
         pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
     # the page's default backend (auto) does not take a software adapter: SwiftShader is slower than WASM
