@@ -118,7 +118,7 @@ def test_node_tier_matches_python(web_bundle, tmp_path):
                          cwd=WEB, capture_output=True, text=True, env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
     print(res.stdout[-4000:], res.stderr[-2000:])
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "# pass 9" in res.stdout and "# fail 0" in res.stdout
+    assert "# pass 10" in res.stdout and "# fail 0" in res.stdout
 
 
 def test_browser_auto_follows_the_python_rule():

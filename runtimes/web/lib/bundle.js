@@ -118,8 +118,12 @@ export async function openGraph(bundle, graph, precision = "fp32", { ort = null,
         if (!f) throw new BundleError(`${graph}: missing input ${name}`);
         tensors[name] = new ort.Tensor(f.type || "float32", f.data, f.dims);
       }
-      const res = await session.run(tensors);
-      return res[out].data;
+      const data = (await session.run(tensors))[out].data;
+      let bad = 0; // an overflow (fp16 on a GPU) or a NaN input: never a silently black image
+      for (let i = 0; i < data.length; i++) if (!Number.isFinite(data[i])) bad++;
+      if (bad) throw new BundleError(`${graph} ${precision} on ${executionProviders[0]} returned ${bad} NaN/Inf values` +
+        " (a NaN input, or an overflow at this precision: try fp32)");
+      return data;
     },
   };
 }

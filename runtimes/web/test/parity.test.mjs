@@ -85,6 +85,15 @@ test("onnxruntime-web runs the bundle's graphs like Python onnxruntime", { skip 
   }
 });
 
+test("a graph that returns NaN/Inf is an error, not a black image", { skip }, async () => {
+  const bundle = await loadBundle(fx.bundle, { fetchFile: (p) => readFileSync(p) });
+  const session = await openGraph(bundle, "vae_decoder", "fp32", { numThreads: 1 });
+  const dims = bundle.manifest.graphs.vae_decoder.inputs[0].shape.map((d, i) => (typeof d === "number" ? d : i === 0 ? 1 : 2));
+  const data = new Float32Array(dims.reduce((a, b) => a * b)).fill(0.5);
+  data[3] = NaN;
+  await assert.rejects(session.run({ latent_sample: { data, dims } }), /vae_decoder fp32 on wasm returned \d+ NaN\/Inf values/);
+});
+
 test("a whole generation in JavaScript equals the Python pipeline", { skip }, async () => {
   const bundle = await loadBundle(fx.bundle, { fetchFile: (p) => readFileSync(p) });
   const session = await openGraph(bundle, "transformer", "fp32", { numThreads: 1 });
