@@ -227,6 +227,24 @@ def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
             assert len(said) == 1 and "fp16 not timed on webgpu (this WebGPU adapter has no shader-f16" in said[0] \
                 and "int8 not timed on webgpu (no QuantizeLinear kernel" in said[0], said
         assert not [m for m in r["messages"] if "cannot run here" in m], r["messages"]  # never tried, so no error
+    # backend auto on a hardware adapter (SwiftShader made to report itself as one): it takes WebGPU, and Python's pixels
+    hw = r["hardware"]
+    assert hw["before"] == hw["after"] == "webgpu" and "error" not in hw, hw.get("error")
+    assert [m for m in hw["messages"] if m.startswith("backend auto")] == [f"backend auto: WebGPU on {r['adapter']['name']}"]
+    page = np.asarray(hw["reconstruct"], np.uint8).reshape(128, 128, 4)[..., :3]
+    ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)
+    assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    # ... and when WebGPU cannot load a graph there (the adapter refuses a device), auto says so and runs on WASM
+    refused = r["refused"]
+    assert refused["before"] == "webgpu" and refused["after"] == "wasm" and "error" not in refused, refused.get("error")
+    said = [m for m in refused["messages"] if "could not load" in m]
+    assert len(said) == 1 and said[0].startswith(f"backend auto: WebGPU on {r['adapter']['name']} could not load vae_encoder") \
+        and said[0].endswith("running on WASM from now on"), refused["messages"]
+    assert refused["label"].startswith("WASM ·"), refused["label"]
+    ref = open_bundle(web_bundle, precision=refused["chosen"]).reconstruct(photo[None])
+    ref = np.clip(np.round((ref + 1) * 127.5), 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
+    page = np.asarray(refused["reconstruct"], np.uint8).reshape(128, 128, 4)[..., :3]
+    assert psnr_uint8(ref, page) >= 35, (refused["chosen"], psnr_uint8(ref, page))
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,13 +3,14 @@
 // when the browser offers it); keeps working after any error, which it shows on the page.
 // window.dcae exposes the same actions for scripted use (the browser tests drive it).
 import * as ortWasm from "onnxruntime-web";
-import { BundleError, describeBundle, loadBundle, openGraph } from "./lib/bundle.js";
+import { BundleError, describeBundle, GraphLoadError, loadBundle, openGraph } from "./lib/bundle.js";
 import { cacheKey, NO_SHADER_F16, resolveAuto } from "./lib/precision.js";
 import { generate, SamplerError } from "./lib/sampler.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false,
-  gpu: {} }; // the WebGPU adapter in use: {name, shaderF16, fallback}
+  gpu: {}, // the WebGPU adapter in use: {name, shaderF16, fallback}
+  backendAuto: false }; // the backend was chosen by "auto" (which then falls back to WASM if WebGPU cannot load a graph)
 
 function say(text, kind = "info") {
   const div = document.createElement("div");
@@ -28,6 +29,18 @@ function threads() { // threads need cross-origin isolation (COOP/COEP headers f
 }
 
 async function session(graph, asked = $("precision").value || "auto") {
+  try { return await openSession(graph, asked); }
+  catch (e) {
+    if (!(e instanceof GraphLoadError && state.backendAuto && state.backend === "webgpu")) throw e;
+    // auto's WebGPU could not run this graph (a driver, a missing kernel, no device): WASM runs every graph, and the
+    // page says so. An explicitly chosen WebGPU shows the error instead.
+    say(`backend auto: WebGPU on ${state.gpu.name} could not load ${graph} (${e.message}): running on WASM from now on`, "warn");
+    await useBackend("wasm", true);
+    return openSession(graph, asked);
+  }
+}
+
+async function openSession(graph, asked) { // session() without auto's fallback
   const precision = asked === "auto" ? await autoPrecision(graph) : asked;
   const have = state.info.precisions[graph];
   const use = have.includes(precision) ? precision : "fp32";
@@ -55,7 +68,7 @@ async function autoPrecision(graph) { // once per graph and backend: remembered,
       `${navigator.userAgent}|${navigator.hardwareConcurrency}|${state.backend === "webgpu" ? state.gpu.name : ""}`);
     const res = await resolveAuto(state.bundle.manifest, graph, state.backend, { key, storage: storage(), device: state.gpu,
       time: async (p) => {
-        try { return await timeSession(await session(graph, p), probeFeeds(graph), 3); }
+        try { return await timeSession(await openSession(graph, p), probeFeeds(graph), 3); }
         catch (e) { say(`precision auto: ${graph} ${p} cannot run here, left out: ${e.message || e}`, "error"); throw e; }
       },
       onTiming: (ps) => { timing = say(`precision auto: timing ${graph} at ${ps.join(" and ")} once on this device…`); } });
@@ -225,6 +238,7 @@ function describeAdapter(adapter) {
 // "auto" (the default): WebGPU where the browser offers a hardware adapter, else WASM. A software fallback
 // adapter (SwiftShader: Vulkan on the CPU) is slower than WASM by an order of magnitude, so it is not taken.
 async function setBackend(name) {
+  const auto = name === "auto";
   const adapter = name === "wasm" || !("gpu" in navigator) ? null : await navigator.gpu.requestAdapter().catch(() => null);
   const gpu = adapter ? describeAdapter(adapter) : null;
   if (name === "auto") {
@@ -236,12 +250,14 @@ async function setBackend(name) {
     say("WebGPU was asked for but this browser offers no WebGPU adapter: running on WASM", "warn");
     name = "wasm";
   }
-  if (name === "webgpu") {
-    // onnxruntime-web asks for the default adapter too (same options): the one whose features are read here
-    state.ort = await import("onnxruntime-web/webgpu");
-    state.gpu = gpu;
-  }
-  if (name === "wasm") state.ort = ortWasm;
+  if (name === "webgpu") state.gpu = gpu;
+  await useBackend(name, auto);
+}
+
+async function useBackend(name, auto) {
+  // on WebGPU, onnxruntime-web asks for the default adapter too (same options): the one whose features were read
+  state.ort = name === "webgpu" ? await import("onnxruntime-web/webgpu") : ortWasm;
+  state.backendAuto = auto;
   state.ort.env.wasm.numThreads = threads();
   state.ort.env.wasm.wasmPaths = new URL("./vendor/ort/", location.href).href;
   state.backend = name;

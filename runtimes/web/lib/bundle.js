@@ -3,6 +3,8 @@
 // URLs) and in Node (files are paths; fetchFile reads them), with onnxruntime-web in both.
 
 export class BundleError extends Error {}
+// onnxruntime-web could not create a session (the execution provider failed, not the bundle's files)
+export class GraphLoadError extends BundleError {}
 
 const SUPPORTED_MANIFEST_VERSION = 1;
 const TWO_GB = 2 * 1024 ** 3;
@@ -106,7 +108,9 @@ export async function openGraph(bundle, graph, precision = "fp32", { ort = null,
   try {
     session = await ort.InferenceSession.create(model, { executionProviders, ...(external.length ? { externalData: external } : {}) });
   } catch (e) {
-    throw new BundleError(`${graph} ${precision}: onnxruntime-web cannot load it (${String(e.message || e).split("\n")[0]})`);
+    const detail = String(e.message || e).split("\n")[0];
+    throw new GraphLoadError(`${graph} ${precision}: onnxruntime-web cannot load it (${/^\d+$/.test(detail)
+      ? `an error inside its WebAssembly, with no message: code ${detail}` : detail})`); // a bare number: a C++ exception
   }
   const out = session.outputNames[0];
   return {

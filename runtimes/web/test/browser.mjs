@@ -6,7 +6,8 @@ import { chromium } from "playwright-core";
 // shader-f16, but the same WebGPU execution provider and shaders a real GPU gets.
 export const SWIFTSHADER_WEBGPU = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-unsafe-swiftshader"];
 
-export async function openPage(url, { webgpu = false } = {}) {
+// initScript: JavaScript run in the page before its own (a test's stand-in for hardware this machine lacks)
+export async function openPage(url, { webgpu = false, initScript = null } = {}) {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -16,6 +17,7 @@ export async function openPage(url, { webgpu = false } = {}) {
   const logs = [];
   page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+  if (initScript) await page.addInitScript(initScript);
   await page.goto(url);
   await page.waitForFunction(() => window.dcae && window.dcae.ready !== undefined);
   await page.evaluate(() => window.dcae.ready);

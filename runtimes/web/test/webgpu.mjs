@@ -1,21 +1,59 @@
 // WebGPU tier: the page on onnxruntime-web's WebGPU backend, SwiftShader as the adapter. Reconstructs the
 // PNG and generates at fp32 (pixels compared in Python), asks for fp16 on an adapter without shader-f16,
-// and lets auto choose. Prints one JSON line; {adapter: null} when this Chromium offers no adapter.
+// and lets auto choose. Then backend auto's two branches a CPU machine never takes, on SwiftShader made to report
+// itself as a hardware adapter: auto takes WebGPU; and, when WebGPU cannot load a graph (the adapter refuses a
+// device), auto falls back to WASM and says so. Prints one JSON line; {adapter: null} when this Chromium offers no adapter.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { openPage } from "./browser.mjs";
 
 const [url, out] = process.argv.slice(2);
+const png = readFileSync(join(out, "photo.png")).toString("base64");
+
+const asHardware = (refuseDevice) => `(() => {
+  if (!("gpu" in navigator)) return;
+  const real = GPU.prototype.requestAdapter;
+  GPU.prototype.requestAdapter = async function (...args) {
+    const a = await real.apply(this, args);
+    if (!a) return a;
+    const i = a.info;
+    const info = { vendor: i.vendor, architecture: i.architecture, device: i.device, description: i.description, isFallbackAdapter: false };
+    Object.defineProperty(a, "info", { value: info });
+    Object.defineProperty(a, "isFallbackAdapter", { value: false });
+    ${refuseDevice ? 'a.requestDevice = async () => { throw new Error("test: this adapter refuses a device"); };' : ""}
+    return a;
+  };
+})();`;
+
+async function autoBackendRun(refuseDevice) { // a fresh browser (nothing remembered); reconstruct the PNG under auto
+  const { browser, page, logs } = await openPage(url, { webgpu: true, initScript: asHardware(refuseDevice) });
+  try {
+    const r = await page.evaluate(async (b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const res = { before: window.dcae.state.backend };
+      try { res.reconstruct = (await window.dcae.reconstruct(new Blob([bytes], { type: "image/png" }))).pixels; }
+      catch (e) { res.error = e.message; }
+      return { ...res, after: window.dcae.state.backend, label: document.querySelector("#threads").textContent,
+        chosen: { vae_encoder: window.dcae.precisionOf("vae_encoder"), vae_decoder: window.dcae.precisionOf("vae_decoder") },
+        messages: window.dcae.messages() };
+    }, png);
+    return { ...r, logs };
+  } finally {
+    await browser.close();
+  }
+}
+
 const { browser, page, logs } = await openPage(url, { webgpu: true });
 try {
   const adapter = await page.evaluate(async () => {
     const a = "gpu" in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
-    return a ? { vendor: a.info?.vendor, architecture: a.info?.architecture, shaderF16: a.features.has("shader-f16") } : null;
+    const i = a?.info || {};
+    return a ? { vendor: i.vendor, architecture: i.architecture, shaderF16: a.features.has("shader-f16"),
+      name: [i.vendor, i.architecture, i.description].filter(Boolean).join(" ") } : null; // as the page names it
   });
   if (!adapter) {
     console.log(JSON.stringify({ adapter: null, logs }));
   } else {
-    const png = readFileSync(join(out, "photo.png")).toString("base64");
     const r = await page.evaluate(async (b64) => {
       const pick = (p) => {
         document.querySelector("#precision").value = p;
@@ -37,6 +75,8 @@ try {
       res.messages = window.dcae.messages();
       return res;
     }, png);
+    r.hardware = await autoBackendRun(false);
+    r.refused = await autoBackendRun(true);
     console.log(JSON.stringify({ adapter, ...r, logs: logs.filter((l) => !l.includes("VerifyEachNodeIsAssignedToAnEp")) }));
   }
 } finally {
