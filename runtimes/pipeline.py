@@ -36,6 +36,10 @@ class BundleError(ValueError):
     """The bundle cannot be used as asked; the message says what to do."""
 
 
+class NonFiniteOutput(BundleError):
+    """A graph returned NaN/Inf on finite inputs: an overflow at a reduced precision (fp16 on a GPU or an NPU)."""
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
     mpath = path / "manifest.json"
@@ -270,10 +274,40 @@ class Pipeline:
         else:
             out = np.concatenate([runner.run({k: v[i:i + static_batch] for k, v in feeds.items()})[0]
                                   for i in range(0, n, static_batch)])
-        if not np.isfinite(out).all():  # never hand an app silent NaN
-            raise BundleError(f"{getattr(runner, 'provider', self.backend)} returned {int((~np.isfinite(out)).sum())} NaN/Inf "
-                              f"values ({self.backend} {self.precision}); try fp32, or re-export the bundle")
+        bad = int((~np.isfinite(out)).sum())
+        if bad:  # never hand an app silent NaN
+            e = NonFiniteOutput(f"{getattr(runner, 'provider', self.backend)} returned {bad} NaN/Inf values "
+                                f"({self.backend} {self.precision}); try fp32, or re-export the bundle")
+            e.count = bad
+            raise e
         return out
+
+    def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], static_batch: int | None,
+                   resolution: int | None = None) -> np.ndarray:
+        """One call of a graph. Under precision "auto", an overflow (NaN/Inf out of finite inputs) at a reduced
+        precision is not the app's problem: that call runs again at fp32, which the graph keeps from then on, with a
+        warning. A precision asked for by name is kept, and the error says what to do."""
+        try:
+            return self._run_batched(self._runner(graph, resolution), feeds, static_batch)
+        except NonFiniteOutput as e:
+            was = "fp32" if self.backend == "torch" else self.precision_of(graph)
+            error = NonFiniteOutput(f"{graph} ({self.backend} {was}) returned {e.count} NaN/Inf values: " + (
+                "at fp32, on finite inputs: the weights or the export are broken; re-export the bundle" if was == "fp32"
+                else "an overflow at this precision; run it at fp32"))
+            if self.precision != "auto" or was == "fp32":
+                raise error from None
+            with self._runners_lock:
+                self._auto[graph] = "fp32"
+                try:
+                    self._artifact(graph, resolution)
+                except BundleError:  # no fp32 artifact to fall back on (e.g. Core ML fp16 packages only)
+                    self._auto[graph] = was
+                    raise error from None
+                for k in [k for k in self._runners if k[0] == graph and k[2] == was]:
+                    del self._runners[k]  # its memory back
+            warnings.warn(f"{graph} at {was} returned {e.count} NaN/Inf values on this input (an overflow at {was}): "
+                          "precision auto runs it at fp32 from now on", stacklevel=3)
+            return self._run_batched(self._runner(graph, resolution), feeds, static_batch)
 
     def _spatial(self, graph: str, x: np.ndarray, in_name: str, scale: float, tile: int | None) -> np.ndarray:
         """Run an autoencoder graph on NCHW ``x`` directly, or tiled when the graph cannot take its size."""
@@ -286,8 +320,7 @@ class Pipeline:
         static = self._fixed_shapes
         direct = (not tile) and ((h, w) == (res, res) if static else self._branch_ok(graph, h, w))
         if direct:
-            runner = self._runner(graph, h if self.backend == "coreml" else None)
-            return self._run_batched(runner, {in_name: x}, 1 if static else None)
+            return self._run_graph(graph, {in_name: x}, 1 if static else None, h if self.backend == "coreml" else None)
         tile_px = tile or res
         if h < tile_px or w < tile_px:
             raise BundleError(f"{graph}: {w}x{h}px cannot run on this bundle ({'static at' if static else 'exported at'} "
@@ -295,9 +328,9 @@ class Pipeline:
                               f"--resolution {max(f, h // f * f)}")
         if tile_px % f or (not static and not self._branch_ok(graph, tile_px, tile_px)) or (static and tile_px != res):
             raise BundleError(f"tile {tile_px}px does not fit this bundle's {graph} graph; use tile={res}")
-        runner = self._runner(graph, tile_px if self.backend == "coreml" else None)
+        size = tile_px if self.backend == "coreml" else None
         overlap = max(f, int(round(tile_px * self.tile_overlap / f)) * f)
-        return tiled_apply(lambda t: self._run_batched(runner, {in_name: t}, 1 if static else None),
+        return tiled_apply(lambda t: self._run_graph(graph, {in_name: t}, 1 if static else None, size),
                            x, tile_px // unit, overlap // unit, scale)
 
     # ------------------------------------------------------------------------------------------ API
@@ -359,10 +392,11 @@ class Pipeline:
             if class_labels is not None and len(class_labels):
                 raise BundleError("this denoiser is unconditional: pass no class_labels (use n=...)")
             labels = None
-        runner = self._runner("transformer")
-        static_batch = 2 if self._fixed_shapes else None
+        self._runner("transformer")  # loaded (and auto resolved) before the first step
+        static_batch = 2 if self._fixed_shapes else None  # the sampler splits the batch itself
         try:
-            z = schedules.generate_numpy(self.recipe, lambda feed: runner.run(feed)[0], labels, n, steps, cfg_scale, seed,
+            z = schedules.generate_numpy(self.recipe, lambda feed: self._run_graph("transformer", feed, None), labels, n,
+                                         steps, cfg_scale, seed,
                                          latents, sampler, static_batch=static_batch)
         except schedules.SamplerError as e:
             raise BundleError(str(e)) from None

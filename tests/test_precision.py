@@ -3,6 +3,7 @@ or from timings stored in the bundle; never a graph whose gate failed."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -240,3 +241,51 @@ def test_bf16_precisions_are_not_candidates_without_native_bf16(monkeypatch):
     assert P.gated(m, "vae_decoder", "openvino") == ["fp32", "bf16", "int8", "int8-bf16"]
     monkeypatch.setattr(P, "_openvino_bf16", lambda: False)
     assert P.gated(m, "vae_decoder", "openvino") == ["fp32", "int8"]
+
+
+def test_an_overflow_under_auto_reruns_at_fp32_and_stays_there(tmp_path, monkeypatch):
+    """fp16 on a GPU or an NPU can overflow on an input its gate never saw. Under auto that call runs again at fp32
+    (a warning says so) and the graph stays at fp32; an fp16 asked for by name raises, saying what to do. The
+    overflow is injected: ONNX Runtime's CPU fp16 does not overflow on this tiny model."""
+    from dcae_edge.checkpoints import save_autoencoder
+    from export.onnx import main
+
+    from runtimes import open_bundle
+    from runtimes.pipeline import NonFiniteOutput
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_autoencoder(make_model(tiny_edge_f64(), seed=9), tmp_path / "ae.safetensors")
+    main(["--weights", str(tmp_path / "ae.safetensors"), "--graphs", "vae_decoder", "--resolution", "128", "--fp16",
+          "--out", str(tmp_path / "b")])
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())  # timings stored in the bundle: auto picks fp16
+    m["benchmarks"] = {P.cpu_key(): {"onnxruntime": {"vae_decoder": {"fp32": 9.0, "fp16": 1.0}}}}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
+    z = np.random.default_rng(0).standard_normal((2, 128, 2, 2)).astype(np.float32)
+
+    def overflowing(pipe):
+        runner = pipe._runner("vae_decoder")
+        real = runner.run
+
+        def run(feeds):
+            out = real(feeds)[0].copy()
+            out.flat[::7] = np.inf
+            return [out]
+
+        runner.run = run
+        return pipe
+
+    pipe = overflowing(open_bundle(tmp_path / "b"))
+    assert pipe.precision_of("vae_decoder") == "fp16"
+    with pytest.warns(UserWarning, match=r"vae_decoder at fp16 returned \d+ NaN/Inf values on this input \(an overflow "
+                                         r"at fp16\): precision auto runs it at fp32 from now on"):
+        out = pipe.decode(z)
+    assert np.array_equal(out, open_bundle(tmp_path / "b", precision="fp32").decode(z))
+    assert pipe.precision_of("vae_decoder") == "fp32" and pipe.ran_as() == {"vae_decoder": "fp32"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stays at fp32: no second warning
+        pipe.decode(z)
+    forced = overflowing(open_bundle(tmp_path / "b", precision="fp16"))
+    with pytest.raises(NonFiniteOutput, match=r"vae_decoder \(onnxruntime fp16\) returned \d+ NaN/Inf values: an overflow "
+                                              "at this precision; run it at fp32"):
+        forced.decode(z)
+    assert forced.precision_of("vae_decoder") == "fp16"

@@ -118,7 +118,7 @@ def test_node_tier_matches_python(web_bundle, tmp_path):
                          cwd=WEB, capture_output=True, text=True, env={**os.environ, "DCAE_WEB_FIXTURES": str(tmp_path)}, timeout=600)
     print(res.stdout[-4000:], res.stderr[-2000:])
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "# pass 10" in res.stdout and "# fail 0" in res.stdout
+    assert "# pass 11" in res.stdout and "# fail 0" in res.stdout
 
 
 def test_browser_auto_follows_the_python_rule():
@@ -227,6 +227,7 @@ def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
             assert len(said) == 1 and "fp16 not timed on webgpu (this WebGPU adapter has no shader-f16" in said[0] \
                 and "int8 not timed on webgpu (no QuantizeLinear kernel" in said[0], said
         assert not [m for m in r["messages"] if "cannot run here" in m], r["messages"]  # never tried, so no error
+    assert r["lost"].startswith("the WebGPU device was lost (destroyed") and "reload the page" in r["lost"], r["lost"]
     # backend auto on a hardware adapter (SwiftShader made to report itself as one): it takes WebGPU, and Python's pixels
     hw = r["hardware"]
     assert hw["before"] == hw["after"] == "webgpu" and "error" not in hw, hw.get("error")
@@ -234,6 +235,17 @@ def test_page_on_webgpu_matches_python(web_bundle, tmp_path):
     page = np.asarray(hw["reconstruct"], np.uint8).reshape(128, 128, 4)[..., :3]
     ref = (np.clip(np.round((pipe.reconstruct(photo[None]) + 1) * 127.5), 0, 255)).astype(np.uint8)[0].transpose(1, 2, 0)
     assert psnr_uint8(ref, page) >= 40, psnr_uint8(ref, page)
+    # its GPU device lost (destroyed, as a driver reset or the OS does): the next action runs on WASM, saying why, and
+    # WebGPU asked for by name is refused until a reload (onnxruntime-web cannot replace its device)
+    lost = hw["afterLoss"]
+    assert "error" not in lost and lost["backend"] == "wasm" and lost["asked"] == "wasm", lost.get("error")
+    assert any(m.startswith(f"backend auto: the WebGPU device on {r['adapter']['name']} was lost (destroyed")
+               and m.endswith("running on WASM from now on") for m in lost["messages"]), lost["messages"]
+    assert any(m.startswith("WebGPU was asked for but its device was lost in this page") for m in lost["messages"])
+    ref = open_bundle(web_bundle, precision=lost["chosen"]).reconstruct(photo[None])
+    ref = np.clip(np.round((ref + 1) * 127.5), 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
+    page = np.asarray(lost["pixels"], np.uint8).reshape(128, 128, 4)[..., :3]
+    assert psnr_uint8(ref, page) >= 35, (lost["chosen"], psnr_uint8(ref, page))
     # ... and when WebGPU cannot load a graph there (the adapter refuses a device), auto says so and runs on WASM
     refused = r["refused"]
     assert refused["before"] == "webgpu" and refused["after"] == "wasm" and "error" not in refused, refused.get("error")

@@ -3,14 +3,15 @@
 // when the browser offers it); keeps working after any error, which it shows on the page.
 // window.dcae exposes the same actions for scripted use (the browser tests drive it).
 import * as ortWasm from "onnxruntime-web";
-import { BundleError, describeBundle, GraphLoadError, loadBundle, openGraph } from "./lib/bundle.js";
+import { BundleError, describeBundle, fallingBackToFp32, GraphLoadError, loadBundle, openGraph } from "./lib/bundle.js";
 import { cacheKey, NO_SHADER_F16, resolveAuto } from "./lib/precision.js";
 import { generate, SamplerError } from "./lib/sampler.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false,
   gpu: {}, // the WebGPU adapter in use: {name, shaderF16, fallback}
-  backendAuto: false }; // the backend was chosen by "auto" (which then falls back to WASM if WebGPU cannot load a graph)
+  backendAuto: false, // the backend was chosen by "auto" (which falls back to WASM if WebGPU cannot load a graph)
+  gpuLost: null }; // why onnxruntime-web's WebGPU device was lost ("destroyed: ..."): its sessions cannot run again
 
 function say(text, kind = "info") {
   const div = document.createElement("div");
@@ -51,8 +52,14 @@ async function openSession(graph, asked) { // session() without auto's fallback
   if (!state.sessions.has(key)) {
     if (use !== precision) say(`${graph} has no ${precision} artifact; using fp32`, "warn");
     state.sessions.set(key, await openGraph(state.bundle, graph, use, { ort: state.ort, executionProviders: [state.backend] }));
+    if (state.backend === "webgpu") watchDevice();
   }
-  return state.sessions.get(key);
+  if (asked !== "auto") return state.sessions.get(key);
+  return fallingBackToFp32(state.sessions.get(key), use, () => { // auto: an overflow on this input moves the graph to fp32
+    state.auto.set(`${graph}/${state.backend}`, "fp32");
+    return openSession(graph, "fp32");
+  }, () => say(`precision auto: ${graph} at ${use} returned NaN/Inf on this input (an overflow at ${use}): ` +
+    "it runs at fp32 from now on", "warn"));
 }
 
 function storage() { // localStorage, or null where the browser refuses it (private modes, sandboxed frames)
@@ -216,12 +223,47 @@ async function generateImages({ classes, steps, cfg, seed }) {
   return { images, labels, stepMs: stepTimes, decodeMs, latents: Array.from(latents) };
 }
 
+// A GPU device can be lost at any time (a driver reset, another tab, the OS reclaiming it on a phone). onnxruntime-web
+// cannot replace its device, so its WebGPU sessions are dead until the page is reloaded: auto moves to WASM.
+let watched = null;
+function watchDevice() {
+  const device = state.ort.env.webgpu?.device;
+  if (!device || device === watched) return;
+  watched = device;
+  device.lost.then((info) => deviceLost(`${info.reason}: ${info.message || "no message"}`).catch(() => {}));
+}
+
+async function deviceLost(why) { // from device.lost, or from a run that failed on it (whichever comes first)
+  if (state.gpuLost || state.backend !== "webgpu") { state.gpuLost ||= why; return; }
+  state.gpuLost = why;
+  if (state.backendAuto) {
+    say(`backend auto: the WebGPU device on ${state.gpu.name} was lost (${why}): running on WASM from now on`, "warn");
+    await useBackend("wasm", true);
+  } else if (!state.busy) { // (during an action, the action's error says it)
+    say(`the WebGPU device was lost (${why}): reload the page to use WebGPU again, or choose WASM`, "error");
+  }
+}
+
+const LOST = /device (was|is) lost/i;
+
 async function guarded(fn) { // one action at a time; any error becomes a message, the page keeps working
   if (state.busy) { say("busy: wait for the current action to finish", "warn"); return null; }
   state.busy = true;
   document.querySelectorAll("button").forEach((b) => { b.disabled = true; });
-  try { return await fn(); }
-  catch (e) { say(e instanceof BundleError || e instanceof SamplerError ? e.message : `error: ${e.message || e}`, "error"); throw e; }
+  try {
+    const onGpu = state.backend === "webgpu", auto = state.backendAuto;
+    try { return await fn(); }
+    catch (e) {
+      if (!(onGpu && (state.gpuLost || LOST.test(String(e?.message))))) throw e;
+      await deviceLost(state.gpuLost || "lost during a run");
+      if (!auto) throw new BundleError(`the WebGPU device was lost (${state.gpuLost}): reload the page to use WebGPU again, or choose WASM`);
+      return await fn(); // auto: the device went during this action, which runs again on WASM
+    }
+  }
+  catch (e) {
+    say(e instanceof BundleError || e instanceof SamplerError ? e.message : `error: ${e.message || e}`, "error");
+    throw e;
+  }
   finally {
     state.busy = false;
     document.querySelectorAll("button").forEach((b) => { b.disabled = false; });
@@ -242,9 +284,15 @@ async function setBackend(name) {
   const adapter = name === "wasm" || !("gpu" in navigator) ? null : await navigator.gpu.requestAdapter().catch(() => null);
   const gpu = adapter ? describeAdapter(adapter) : null;
   if (name === "auto") {
-    name = gpu && !gpu.fallback ? "webgpu" : "wasm";
-    say(`backend auto: ${name === "webgpu" ? `WebGPU on ${gpu.name}`
-      : `WASM (${gpu ? `the WebGPU adapter, ${gpu.name}, is a software fallback` : "this browser offers no WebGPU adapter"})`}`);
+    name = gpu && !gpu.fallback && !state.gpuLost ? "webgpu" : "wasm";
+    say(`backend auto: ${name === "webgpu" ? `WebGPU on ${gpu.name}` : `WASM (${state.gpuLost
+      ? "the WebGPU device was lost in this page: reload it to use WebGPU again"
+      : gpu ? `the WebGPU adapter, ${gpu.name}, is a software fallback` : "this browser offers no WebGPU adapter"})`}`);
+  } else if (name === "webgpu" && state.gpuLost) {
+    $("backend").value = "wasm";
+    say(`WebGPU was asked for but its device was lost in this page (${state.gpuLost}): reload the page to use it ` +
+      "again; running on WASM", "warn");
+    name = "wasm";
   } else if (name === "webgpu" && !gpu) {
     $("backend").value = "wasm";
     say("WebGPU was asked for but this browser offers no WebGPU adapter: running on WASM", "warn");

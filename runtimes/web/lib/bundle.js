@@ -5,6 +5,8 @@
 export class BundleError extends Error {}
 // onnxruntime-web could not create a session (the execution provider failed, not the bundle's files)
 export class GraphLoadError extends BundleError {}
+// a graph returned NaN/Inf: an overflow at a reduced precision (fp16 on a GPU), or a NaN input
+export class NonFiniteOutput extends BundleError {}
 
 const SUPPORTED_MANIFEST_VERSION = 1;
 const TWO_GB = 2 * 1024 ** 3;
@@ -125,9 +127,31 @@ export async function openGraph(bundle, graph, precision = "fp32", { ort = null,
       const data = (await session.run(tensors))[out].data;
       let bad = 0; // an overflow (fp16 on a GPU) or a NaN input: never a silently black image
       for (let i = 0; i < data.length; i++) if (!Number.isFinite(data[i])) bad++;
-      if (bad) throw new BundleError(`${graph} ${precision} on ${executionProviders[0]} returned ${bad} NaN/Inf values` +
+      if (bad) throw new NonFiniteOutput(`${graph} ${precision} on ${executionProviders[0]} returned ${bad} NaN/Inf values` +
         " (a NaN input, or an overflow at this precision: try fp32)");
       return data;
+    },
+  };
+}
+
+/**
+ * `graph` (opened at a reduced `precision` by precision auto) whose output overflows runs that call again at fp32,
+ * and every later call: `openFp32()` opens it, `onFallback(error)` is told once. An fp32 graph is returned as is.
+ * (An overflow depends on the input: fp16's check at export saw a few photos, a GPU sees whatever the user drops.)
+ */
+export function fallingBackToFp32(graph, precision, openFp32, onFallback = () => {}) {
+  if (precision === "fp32") return graph;
+  let current = graph;
+  return {
+    ...graph,
+    async run(feeds) {
+      try { return await current.run(feeds); }
+      catch (e) {
+        if (current !== graph || !(e instanceof NonFiniteOutput)) throw e;
+        current = await openFp32();
+        onFallback(e);
+        return current.run(feeds);
+      }
     },
   };
 }

@@ -3,6 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { cacheKey, choose, gated, NO_SHADER_F16, resolveAuto } from "../lib/precision.js";
+import { fallingBackToFp32, NonFiniteOutput } from "../lib/bundle.js";
 
 const art = (pass) => ({ files: ["x.onnx"], ...(pass === undefined ? {} : { validation: { pass } }) });
 const manifest = (arts, files = { "vae_decoder/model.onnx": { sha256: "ab", bytes: 1 } }) => ({
@@ -89,4 +90,30 @@ test("resolveAuto on WebGPU: fp32 and fp16 timed; fp16 left out, with the reason
   assert.equal(noF16.source, "only");
   assert.deepEqual(noF16.skipped.map((s) => s.precision), ["fp16", "int8"]);
   assert.equal(noF16.skipped[0].why, NO_SHADER_F16);
+});
+
+test("an overflow under auto runs that call again at fp32, and every later one; fp32's own NaN stands", async () => {
+  const graph = (name, outputs) => ({ name, calls: 0, async run() {
+    this.calls++;
+    const out = outputs.shift();
+    if (out instanceof Error) throw out;
+    return out;
+  } });
+  const overflow = () => new NonFiniteOutput("vae_decoder fp16 on webgpu returned 3 NaN/Inf values");
+  const fp16 = graph("fp16", [overflow(), overflow()]);
+  const fp32 = graph("fp32", [Float32Array.of(1), Float32Array.of(2)]);
+  const told = [];
+  let opened = 0;
+  const g = fallingBackToFp32(fp16, "fp16", async () => { opened++; return fp32; }, (e) => told.push(e.message));
+  assert.deepEqual(Array.from(await g.run({})), [1]);
+  assert.deepEqual(Array.from(await g.run({})), [2]); // stays at fp32: fp16 is not asked again
+  assert.deepEqual([fp16.calls, fp32.calls, opened, told.length], [1, 2, 1, 1]);
+  assert.match(told[0], /returned 3 NaN\/Inf/);
+  // other errors are not an overflow; and at fp32 (or after the fallback) NaN is an error for the caller
+  const broken = fallingBackToFp32(graph("int8", [new Error("lost device")]), "int8", async () => fp32);
+  await assert.rejects(broken.run({}), /lost device/);
+  const atFp32 = graph("fp32", [overflow()]);
+  assert.equal(fallingBackToFp32(atFp32, "fp32", async () => assert.fail("no fallback from fp32")), atFp32);
+  const twice = fallingBackToFp32(graph("fp16", [overflow()]), "fp16", async () => graph("fp32", [overflow()]));
+  await assert.rejects(twice.run({}), NonFiniteOutput);
 });

@@ -1,8 +1,8 @@
 // WebGPU tier: the page on onnxruntime-web's WebGPU backend, SwiftShader as the adapter. Reconstructs the
 // PNG and generates at fp32 (pixels compared in Python), asks for fp16 on an adapter without shader-f16,
 // and lets auto choose. Then backend auto's two branches a CPU machine never takes, on SwiftShader made to report
-// itself as a hardware adapter: auto takes WebGPU; and, when WebGPU cannot load a graph (the adapter refuses a
-// device), auto falls back to WASM and says so. Prints one JSON line; {adapter: null} when this Chromium offers no adapter.
+// itself as a hardware adapter: auto takes WebGPU; when WebGPU cannot load a graph (the adapter refuses a device), or
+// its device is lost, auto falls back to WASM and says so. Prints one JSON line; {adapter: null} when this Chromium offers no adapter.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { openPage } from "./browser.mjs";
@@ -25,18 +25,31 @@ const asHardware = (refuseDevice) => `(() => {
   };
 })();`;
 
-async function autoBackendRun(refuseDevice) { // a fresh browser (nothing remembered); reconstruct the PNG under auto
+// A fresh browser (nothing remembered): reconstruct the PNG under auto. With loseDevice, then destroy onnxruntime-web's
+// GPU device (what a driver reset or the OS does) and reconstruct again at once, then ask for WebGPU by name.
+async function autoBackendRun(refuseDevice, loseDevice = false) {
   const { browser, page, logs } = await openPage(url, { webgpu: true, initScript: asHardware(refuseDevice) });
   try {
-    const r = await page.evaluate(async (b64) => {
-      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const r = await page.evaluate(async ([b64, loseDevice]) => {
+      const photo = () => new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], { type: "image/png" });
       const res = { before: window.dcae.state.backend };
-      try { res.reconstruct = (await window.dcae.reconstruct(new Blob([bytes], { type: "image/png" }))).pixels; }
+      try { res.reconstruct = (await window.dcae.reconstruct(photo())).pixels; }
       catch (e) { res.error = e.message; }
-      return { ...res, after: window.dcae.state.backend, label: document.querySelector("#threads").textContent,
-        chosen: { vae_encoder: window.dcae.precisionOf("vae_encoder"), vae_decoder: window.dcae.precisionOf("vae_decoder") },
-        messages: window.dcae.messages() };
-    }, png);
+      const chosen = () => ({ vae_encoder: window.dcae.precisionOf("vae_encoder"), vae_decoder: window.dcae.precisionOf("vae_decoder") });
+      Object.assign(res, { after: window.dcae.state.backend, label: document.querySelector("#threads").textContent, chosen: chosen(),
+        messages: window.dcae.messages() });
+      if (loseDevice) {
+        window.dcae.state.ort.env.webgpu.device.destroy();
+        const again = window.dcae.reconstruct(photo()); // started before the browser reports the loss
+        try { res.afterLoss = { pixels: (await again).pixels, backend: window.dcae.state.backend, chosen: chosen() }; }
+        catch (e) { res.afterLoss = { error: e.message }; }
+        document.querySelector("#backend").value = "webgpu";
+        await window.dcae.setBackend("webgpu");
+        res.afterLoss.asked = window.dcae.state.backend;
+        res.afterLoss.messages = window.dcae.messages();
+      }
+      return res;
+    }, [png, loseDevice]);
     return { ...r, logs };
   } finally {
     await browser.close();
@@ -73,9 +86,11 @@ try {
       await window.dcae.reconstruct("samples/coffee.jpg");
       res.chosen = { vae_encoder: window.dcae.precisionOf("vae_encoder"), vae_decoder: window.dcae.precisionOf("vae_decoder") };
       res.messages = window.dcae.messages();
+      window.dcae.state.ort.env.webgpu.device.destroy(); // WebGPU chosen by name: its device lost is an error in words
+      try { await window.dcae.reconstruct("samples/coffee.jpg"); res.lost = "ran"; } catch (e) { res.lost = e.message; }
       return res;
     }, png);
-    r.hardware = await autoBackendRun(false);
+    r.hardware = await autoBackendRun(false, true);
     r.refused = await autoBackendRun(true);
     console.log(JSON.stringify({ adapter, ...r, logs: logs.filter((l) => !l.includes("VerifyEachNodeIsAssignedToAnEp")) }));
   }
