@@ -2,7 +2,7 @@
 optimum's ModelPatcher): same weights, same graph I/O, the same values up to float rounding.
 
 The model keeps the forms every backend lowers well. Five of them cost OpenVINO's CPU plugin layout
-work it does not need:
+work it does not need, and one cuts ExecuTorch's XNNPACK delegate apart (the last below):
 
 * ``pointwise_projections``: LiteMLA's q/k/v and output projections are Linear layers on a
   channels-last view (two permutes around a MatMul, as in diffusers); as 1x1 convolutions on NCHW
@@ -32,12 +32,19 @@ work it does not need:
   decoder 49.2 -> 41.6 dB vs fp32, end-to-end reconstruction loss 0.027 -> 0.077 dB, gate 0.3 dB); so a block
   folds only while that step grows at most FOLD_MAX_STEP_GROWTH (random-init paper-size weights would not).
 
+* ``channel_mean_by_convolution`` (ExecuTorch's): RMSNorm2d's mean over channels as a 1x1 convolution with
+  weights 1/C, held as a constant (a tensor made inside forward would be an op, not a weight, and run outside
+  XNNPACK). XNNPACK reduces only over spatial dims, so the mean ran outside the delegate, cutting each
+  GLUMBConv and attention block in two (bundled f64 decoder: 37 delegates -> 28); and a quantized convolution
+  whose output left the delegate there came back in the wrong layout (ExecuTorch 1.4: "Attempted to resize a
+  static tensor. Expected shape (1, 256, 2, 2), but received (1, 2, 256, 2)"). Same sums up to rounding.
+
 On the bundled f64 at 512² (AMD EPYC, AVX-512 bf16/VNNI, no AMX, 2 threads, OpenVINO performance
 counters) the first two cut the decoder from 39.4 to 32.2 ms in bf16 and 31.9 to 23.5 ms INT8 + bf16, the
 encoder from 31.2 to 29.1 / 26.8 to 22.6 ms; the shortcut convolutions then the bf16 encoder 42.5 -> 31.9 ms
-(wall clock, interleaved; the decoder 1-6%). ExecuTorch must not get them: XNNPACK delegates only
-convolutions whose weights are parameters, and a conv on a slice of one ran outside it (the decoder
-0.22 -> 7 s). So a backend asks for forms by name around its tracing (``with graph_forms(module, ...)``)
+(wall clock, interleaved; the decoder 1-6%). ExecuTorch must not get those five: XNNPACK delegates only
+convolutions whose weights are parameters or constants, and a conv on a slice of one ran outside it (the
+decoder 0.22 -> 7 s). So a backend asks for forms by name around its tracing (``with graph_forms(module, ...)``)
 and records them in its manifest entry; the model itself is untouched afterwards.
 """
 from __future__ import annotations
@@ -51,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcae_edge.autoencoder import Decoder, DownBlock, Encoder, GLUMBConv, LiteMLA, UpBlock
+from dcae_edge.autoencoder import Decoder, DownBlock, Encoder, GLUMBConv, LiteMLA, RMSNorm2d, UpBlock
 
 
 def pointwise(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +76,18 @@ def glu_halves(block: GLUMBConv, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return F.conv2d(y, dw.weight[part], dw.bias[part], padding=dw.padding, groups=hidden)
 
     return half(slice(0, hidden)), half(slice(hidden, 2 * hidden))
+
+
+def rms_norm_by_convolution(norm: RMSNorm2d, mean_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm2d.forward with the mean over channels as a 1x1 convolution of ``mean_weight`` (1/C each)."""
+    variance = F.conv2d(x.float().pow(2), mean_weight)
+    x = x * torch.rsqrt(variance + norm.eps)
+    return x * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def channel_mean_weight(norm: RMSNorm2d) -> torch.Tensor:
+    channels = norm.weight.numel()
+    return torch.full((1, channels, 1, 1), 1.0 / channels, dtype=norm.weight.dtype)
 
 
 def duplicate_by_convolution(x: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -198,6 +217,8 @@ FORMS: dict[str, Callable[[nn.Module], tuple[str, Callable] | None]] = {
     "glu_halves": lambda m: ("value_and_gate", functools.partial(glu_halves, m)) if isinstance(m, GLUMBConv) else None,
     "shortcut_convolutions": shortcut_convolution,
     "strided_downsample": lambda m: ("downsample", functools.partial(strided_downsample, m)) if strides_cheaply(m) else None,
+    "channel_mean_by_convolution": lambda m: ("forward", functools.partial(
+        rms_norm_by_convolution, m, channel_mean_weight(m))) if isinstance(m, RMSNorm2d) else None,
     "shortcuts_in_weights": lambda m: ("forward", functools.partial(
         up_with_shortcut_in_weights if isinstance(m, UpBlock) else down_with_shortcut_in_weights, m)) if folds_shortcut(m) else None,
 }

@@ -13,8 +13,9 @@ ORT format (onnxruntime's own converter, the version recorded: the runtime refus
   types a reduced-size ORT build needs (the converter's absolute paths stripped);
 * ``mobile/usability-<graph>.txt``: onnxruntime's check of which operators NNAPI / Core ML take.
 
-ExecuTorch (the release that supports torch 2.13): ``<graph>/model.pte`` (XNNPACK delegate,
-``pte/fp32``) and ``<graph>/model_int8.pte`` (XNNPACK quantizer, symmetric per-channel int8,
+ExecuTorch (the release that supports torch 2.13): ``<graph>/model.pte`` (XNNPACK delegate, traced with
+RMSNorm's channel mean as a convolution it takes, ``pte/fp32``) and ``<graph>/model_int8.pte`` (XNNPACK
+quantizer, symmetric per-channel int8 convolutions and linear layers,
 calibrated on the photos / sampling trajectories calibration/ uses, ``pte/int8``, written only if
 it passes the INT8 gates on held-out data); the operators left outside the delegate and the int8
 operator count are recorded. Programs are fixed-shape: batch 1 at the bundle resolution (the
@@ -37,6 +38,9 @@ from dcae_edge.compare import compare, describe, passes
 
 from .bundle import BundleError, bundle_transaction, fresh, package_versions, read_manifest, record_artifact, write_manifest
 from .common import ExportError, ValidationFailed, build_specs, notice, run_cli, summarize, validate, validation_sizes
+
+# export.graph_forms for ExecuTorch: RMSNorm's channel mean as a convolution XNNPACK delegates
+PTE_FORMS = ("channel_mean_by_convolution",)
 
 INT8_GATES = {"vae_encoder": {"min_cosine": 0.99}, "vae_decoder": {"min_psnr": 32.0}, "transformer": {"min_cosine": 0.99}}
 
@@ -143,16 +147,33 @@ def lower_to_pte(module, args: tuple, path: Path) -> dict:
             "fixed_shapes": True, "batch": int(args[0].shape[0])}
 
 
+def inside_rms_norm(node) -> bool:
+    """Whether a node belongs to an RMSNorm2d: its mean over channels is a convolution in ExecuTorch's form
+    (of squares, small and precision-sensitive), which stays float."""
+    from dcae_edge.autoencoder import RMSNorm2d
+
+    norm = f"{RMSNorm2d.__module__}.{RMSNorm2d.__qualname__}"
+    return norm in [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+                    for _, t in node.meta.get("nn_module_stack", {}).values()]
+
+
 def quantize_module(module, args: tuple, calib: list[tuple]) -> tuple:
     """XNNPACK quantizer: symmetric int8, per-channel weights, static activations from ``calib``,
-    on the convolutions and linear layers (where the work is). Quantizing every op (adds,
-    matmuls of the linear attention) builds programs the XNNPACK runtime refuses (NotSupported)."""
+    on the convolutions and linear layers (where the work and the weight bytes are), by operator: a
+    module-type filter (``set_module_type(nn.Conv2d)``) silently skips every convolution, because it also
+    tests the weight and bias nodes, which carry no module stack (only the linear layers were quantized, and
+    the int8 decoder program was 7% smaller than fp32). Quantizing every op (adds, matmuls of the linear
+    attention) builds programs the XNNPACK runtime refuses (NotSupported). Run inside ExecuTorch's graph forms
+    (PTE_FORMS): a quantized convolution whose output leaves the delegate for RMSNorm's channel mean came back in
+    the wrong layout."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = get_symmetric_quantization_config(is_per_channel=True)
-    quantizer = XNNPACKQuantizer().set_module_type(torch.nn.Conv2d, config).set_module_type(torch.nn.Linear, config)
+    quantizer = (XNNPACKQuantizer().set_operator_type(torch.ops.aten.conv2d.default, config)
+                 .set_operator_type(torch.ops.aten.linear.default, config))
+    quantizer.set_filter_function(lambda node: not inside_rms_norm(node))
     with torch.no_grad():
         m = torch.export.export(module, args).module()
         m = prepare_pt2e(m, quantizer)
@@ -160,7 +181,8 @@ def quantize_module(module, args: tuple, calib: list[tuple]) -> tuple:
             m(*feeds)
         m = convert_pt2e(m)
     int8 = sum(1 for n in m.graph.nodes if n.op == "call_function" and "quantize_per" in str(n.target))
-    return m, {"int8_quantize_ops": int8, "calibration_feeds": len(calib)}
+    weights = sum(1 for n in m.graph.nodes if n.op == "call_function" and "dequantize_per_channel" in str(n.target))
+    return m, {"int8_quantize_ops": int8, "int8_weight_tensors": weights, "calibration_feeds": len(calib)}
 
 
 class PteRunner:
@@ -374,6 +396,8 @@ def fixed_shape_copy(spec, onnx_path: Path, gdir: Path, stage: Path, m: dict, si
 def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
     import torch
 
+    from .graph_forms import forms_in, graph_forms
+
     res = int(m["resolution"])
     sizes = {"batch": 2} if spec.name == "transformer" else {"batch": 1, "height": res // spec.spatial_scale,
                                                                "width": res // spec.spatial_scale}
@@ -381,7 +405,9 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
     ex_args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     print(f"\n  [{spec.name}] ExecuTorch XNNPACK fp32 ...", flush=True)
     path = gdir / "model.pte"
-    info = lower_to_pte(spec.module, ex_args, path)
+    with graph_forms(spec.module, PTE_FORMS):  # traced in ExecuTorch's forms; validated against the model's own
+        info = lower_to_pte(spec.module, ex_args, path)
+    info["graph_forms"] = forms_in(spec.module, PTE_FORMS)
     runner = PteRunner(path, spec.input_names)
     info["validation"] = validate(spec, runner, [sizes], "fp32", "ExecuTorch fp32")
     if info["ops_outside_delegate"]:
@@ -393,11 +419,12 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
         return failures
     print(f"  [{spec.name}] ExecuTorch XNNPACK int8 (calibrating on {args.num_calibration} real inputs) ...", flush=True)
     calib = calibration_feeds(spec, m, args.num_calibration, held_out=False)
-    qmod, qinfo = quantize_module(spec.module, ex_args,
-                                  [tuple(torch.from_numpy(f[n]) for n in spec.input_names) for f in calib])
+    with graph_forms(spec.module, PTE_FORMS):
+        qmod, qinfo = quantize_module(spec.module, ex_args,
+                                      [tuple(torch.from_numpy(f[n]) for n in spec.input_names) for f in calib])
     qpath = gdir / "model_int8.pte"
     info8 = lower_to_pte(qmod, ex_args, qpath)
-    info8.update(qinfo)
+    info8.update(qinfo, graph_forms=info["graph_forms"])
     held = calibration_feeds(spec, m, args.num_eval, held_out=True, seed=99)
     info8["validation"] = validate_gate(spec, PteRunner(qpath, spec.input_names), held, INT8_GATES[spec.name],
                                         "ExecuTorch int8 (held-out)")

@@ -72,11 +72,11 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
 def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
     """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcuts as
     constant-weight convolutions, conv3x3 + pixel_unshuffle as one strided conv, block shortcuts in their convs'
-    weights): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut switched, and afterwards
+    weights; ExecuTorch's RMSNorm channel mean as a convolution): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut switched, and afterwards
     (also after a failure inside) the model is the one ExecuTorch and ONNX export, bit for bit."""
     import torch
 
-    from dcae_edge.autoencoder import GLUMBConv, LiteMLA
+    from dcae_edge.autoencoder import GLUMBConv, LiteMLA, RMSNorm2d
     from export.graph_forms import FORMS, folds_shortcut, graph_forms, shortcut_convolution, strides_cheaply
 
     model = make_model(cfg_fn(), seed=3)
@@ -92,7 +92,9 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
     shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
     unshuffles = [m for m in model.modules() if strides_cheaply(m)]
     folded = [m for m in model.modules() if folds_shortcut(m)]
-    assert switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) + len(unshuffles) + len(folded)
+    norms = sum(isinstance(m, RMSNorm2d) for m in model.modules())
+    assert norms and switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) \
+        + len(unshuffles) + len(folded) + norms
     assert {type(m).__name__ for m in folded} == ({"UpBlock", "DownBlock"} if cfg_fn is tiny_edge_f64 else {"DownBlock"})
     assert bool(unshuffles) == (cfg_fn is tiny_edge_f64)
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
