@@ -32,7 +32,7 @@ work it does not need, and one cuts ExecuTorch's XNNPACK delegate apart (the las
   decoder 49.2 -> 41.6 dB vs fp32, end-to-end reconstruction loss 0.027 -> 0.077 dB, gate 0.3 dB); so a block
   folds only while that step grows at most FOLD_MAX_STEP_GROWTH (random-init paper-size weights would not).
 
-* ``channel_mean_by_convolution`` (ExecuTorch's): RMSNorm2d's mean over channels as a 1x1 convolution with
+* ``channel_mean_by_convolution`` (ExecuTorch's INT8 program's): RMSNorm2d's mean over channels as a 1x1 convolution with
   weights 1/C, held as a constant (a tensor made inside forward would be an op, not a weight, and run outside
   XNNPACK). XNNPACK reduces only over spatial dims, so the mean ran outside the delegate, cutting each
   GLUMBConv and attention block in two (bundled f64 decoder: 37 delegates -> 28); and a quantized convolution

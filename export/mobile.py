@@ -13,9 +13,9 @@ ORT format (onnxruntime's own converter, the version recorded: the runtime refus
   types a reduced-size ORT build needs (the converter's absolute paths stripped);
 * ``mobile/usability-<graph>.txt``: onnxruntime's check of which operators NNAPI / Core ML take.
 
-ExecuTorch (the release that supports torch 2.13): ``<graph>/model.pte`` (XNNPACK delegate, traced with
-RMSNorm's channel mean as a convolution it takes, ``pte/fp32``) and ``<graph>/model_int8.pte`` (XNNPACK
-quantizer, symmetric per-channel int8 convolutions and linear layers,
+ExecuTorch (the release that supports torch 2.13): ``<graph>/model.pte`` (XNNPACK delegate, ``pte/fp32``) and
+``<graph>/model_int8.pte`` (XNNPACK quantizer, symmetric per-channel int8 convolutions and linear layers, traced
+with RMSNorm's channel mean as a convolution XNNPACK takes,
 calibrated on the photos / sampling trajectories calibration/ uses, ``pte/int8``, written only if
 it passes the INT8 gates on held-out data); the operators left outside the delegate and the int8
 operator count are recorded. Programs are fixed-shape: batch 1 at the bundle resolution (the
@@ -39,7 +39,9 @@ from dcae_edge.compare import compare, describe, passes
 from .bundle import BundleError, bundle_transaction, fresh, package_versions, read_manifest, record_artifact, write_manifest
 from .common import ExportError, ValidationFailed, build_specs, notice, run_cli, summarize, validate, validation_sizes
 
-# export.graph_forms for ExecuTorch: RMSNorm's channel mean as a convolution XNNPACK delegates
+# export.graph_forms for ExecuTorch's INT8 program: RMSNorm's channel mean as a convolution XNNPACK delegates (without
+# it a quantized output leaving the delegate there comes back in the wrong layout). Not for fp32, which works either
+# way: its larger delegates peaked 61 MB higher (bundled f64 decoder at 512²: 553 vs 492 MB; INT8 543 both ways).
 PTE_FORMS = ("channel_mean_by_convolution",)
 
 INT8_GATES = {"vae_encoder": {"min_cosine": 0.99}, "vae_decoder": {"min_psnr": 32.0}, "transformer": {"min_cosine": 0.99}}
@@ -405,9 +407,7 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
     ex_args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     print(f"\n  [{spec.name}] ExecuTorch XNNPACK fp32 ...", flush=True)
     path = gdir / "model.pte"
-    with graph_forms(spec.module, PTE_FORMS):  # traced in ExecuTorch's forms; validated against the model's own
-        info = lower_to_pte(spec.module, ex_args, path)
-    info["graph_forms"] = forms_in(spec.module, PTE_FORMS)
+    info = lower_to_pte(spec.module, ex_args, path)
     runner = PteRunner(path, spec.input_names)
     info["validation"] = validate(spec, runner, [sizes], "fp32", "ExecuTorch fp32")
     if info["ops_outside_delegate"]:
@@ -419,12 +419,12 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
         return failures
     print(f"  [{spec.name}] ExecuTorch XNNPACK int8 (calibrating on {args.num_calibration} real inputs) ...", flush=True)
     calib = calibration_feeds(spec, m, args.num_calibration, held_out=False)
-    with graph_forms(spec.module, PTE_FORMS):
+    with graph_forms(spec.module, PTE_FORMS):  # traced in these forms; validated against the model's own
         qmod, qinfo = quantize_module(spec.module, ex_args,
                                       [tuple(torch.from_numpy(f[n]) for n in spec.input_names) for f in calib])
     qpath = gdir / "model_int8.pte"
     info8 = lower_to_pte(qmod, ex_args, qpath)
-    info8.update(qinfo, graph_forms=info["graph_forms"])
+    info8.update(qinfo, graph_forms=forms_in(spec.module, PTE_FORMS))
     held = calibration_feeds(spec, m, args.num_eval, held_out=True, seed=99)
     info8["validation"] = validate_gate(spec, PteRunner(qpath, spec.input_names), held, INT8_GATES[spec.name],
                                         "ExecuTorch int8 (held-out)")
