@@ -39,6 +39,10 @@ class BundleError(ValueError):
 class NonFiniteOutput(BundleError):
     """A graph returned NaN/Inf on finite inputs: an overflow at a reduced precision (fp16 on a GPU or an NPU)."""
 
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
@@ -276,10 +280,8 @@ class Pipeline:
                                   for i in range(0, n, static_batch)])
         bad = int((~np.isfinite(out)).sum())
         if bad:  # never hand an app silent NaN
-            e = NonFiniteOutput(f"{getattr(runner, 'provider', self.backend)} returned {bad} NaN/Inf values "
-                                f"({self.backend} {self.precision}); try fp32, or re-export the bundle")
-            e.count = bad
-            raise e
+            raise NonFiniteOutput(f"{getattr(runner, 'provider', self.backend)} returned {bad} NaN/Inf values "
+                                  f"({self.backend} {self.precision}); try fp32, or re-export the bundle", bad)
         return out
 
     def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], static_batch: int | None,
@@ -287,26 +289,27 @@ class Pipeline:
         """One call of a graph. Under precision "auto", an overflow (NaN/Inf out of finite inputs) at a reduced
         precision is not the app's problem: that call runs again at fp32, which the graph keeps from then on, with a
         warning. A precision asked for by name is kept, and the error says what to do."""
+        was = "fp32" if self.backend == "torch" else self.precision_of(graph)  # before the run: threads share _auto
         try:
             return self._run_batched(self._runner(graph, resolution), feeds, static_batch)
         except NonFiniteOutput as e:
-            was = "fp32" if self.backend == "torch" else self.precision_of(graph)
             error = NonFiniteOutput(f"{graph} ({self.backend} {was}) returned {e.count} NaN/Inf values: " + (
                 "at fp32, on finite inputs: the weights or the export are broken; re-export the bundle" if was == "fp32"
-                else "an overflow at this precision; run it at fp32"))
+                else "an overflow at this precision; run it at fp32"), e.count)
             if self.precision != "auto" or was == "fp32":
                 raise error from None
             with self._runners_lock:
-                self._auto[graph] = "fp32"
-                try:
-                    self._artifact(graph, resolution)
-                except BundleError:  # no fp32 artifact to fall back on (e.g. Core ML fp16 packages only)
-                    self._auto[graph] = was
-                    raise error from None
-                for k in [k for k in self._runners if k[0] == graph and k[2] == was]:
-                    del self._runners[k]  # its memory back
-            warnings.warn(f"{graph} at {was} returned {e.count} NaN/Inf values on this input (an overflow at {was}): "
-                          "precision auto runs it at fp32 from now on", stacklevel=3)
+                if self._auto.get(graph) == was:  # else another thread already moved it
+                    self._auto[graph] = "fp32"
+                    try:
+                        self._artifact(graph, resolution)
+                    except BundleError:  # no fp32 artifact to fall back on (e.g. Core ML fp16 packages only)
+                        self._auto[graph] = was
+                        raise error from None
+                    for k in [k for k in self._runners if k[0] == graph and k[2] == was]:
+                        del self._runners[k]  # its memory back
+                    warnings.warn(f"{graph} at {was} returned {e.count} NaN/Inf values on this input (an overflow at "
+                                  f"{was}): precision auto runs it at fp32 from now on", stacklevel=3)
             return self._run_batched(self._runner(graph, resolution), feeds, static_batch)
 
     def _spatial(self, graph: str, x: np.ndarray, in_name: str, scale: float, tile: int | None) -> np.ndarray:
