@@ -114,9 +114,12 @@ class RMSNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(dim=1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
+        x = x * torch.rsqrt(self.mean_square(x) + self.eps)
         return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+    def mean_square(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of x² over channels, in fp32 (export.graph_forms swaps this per backend)."""
+        return x.float().pow(2).mean(dim=1, keepdim=True)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:

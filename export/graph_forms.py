@@ -78,11 +78,9 @@ def glu_halves(block: GLUMBConv, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return half(slice(0, hidden)), half(slice(hidden, 2 * hidden))
 
 
-def rms_norm_by_convolution(norm: RMSNorm2d, mean_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm2d.forward with the mean over channels as a 1x1 convolution of ``mean_weight`` (1/C each)."""
-    variance = F.conv2d(x.float().pow(2), mean_weight)
-    x = x * torch.rsqrt(variance + norm.eps)
-    return x * norm.weight[:, None, None] + norm.bias[:, None, None]
+def mean_square_by_convolution(mean_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm2d.mean_square as a 1x1 convolution of ``mean_weight`` (1/C each)."""
+    return F.conv2d(x.float().pow(2), mean_weight)
 
 
 def channel_mean_weight(norm: RMSNorm2d) -> torch.Tensor:
@@ -217,8 +215,8 @@ FORMS: dict[str, Callable[[nn.Module], tuple[str, Callable] | None]] = {
     "glu_halves": lambda m: ("value_and_gate", functools.partial(glu_halves, m)) if isinstance(m, GLUMBConv) else None,
     "shortcut_convolutions": shortcut_convolution,
     "strided_downsample": lambda m: ("downsample", functools.partial(strided_downsample, m)) if strides_cheaply(m) else None,
-    "channel_mean_by_convolution": lambda m: ("forward", functools.partial(
-        rms_norm_by_convolution, m, channel_mean_weight(m))) if isinstance(m, RMSNorm2d) else None,
+    "channel_mean_by_convolution": lambda m: ("mean_square", functools.partial(
+        mean_square_by_convolution, channel_mean_weight(m))) if isinstance(m, RMSNorm2d) else None,
     "shortcuts_in_weights": lambda m: ("forward", functools.partial(
         up_with_shortcut_in_weights if isinstance(m, UpBlock) else down_with_shortcut_in_weights, m)) if folds_shortcut(m) else None,
 }

@@ -149,16 +149,6 @@ def lower_to_pte(module, args: tuple, path: Path) -> dict:
             "fixed_shapes": True, "batch": int(args[0].shape[0])}
 
 
-def inside_rms_norm(node) -> bool:
-    """Whether a node belongs to an RMSNorm2d: its mean over channels is a convolution in ExecuTorch's form
-    (of squares, small and precision-sensitive), which stays float."""
-    from dcae_edge.autoencoder import RMSNorm2d
-
-    norm = f"{RMSNorm2d.__module__}.{RMSNorm2d.__qualname__}"
-    return norm in [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
-                    for _, t in node.meta.get("nn_module_stack", {}).values()]
-
-
 def quantize_module(module, args: tuple, calib: list[tuple]) -> tuple:
     """XNNPACK quantizer: symmetric int8, per-channel weights, static activations from ``calib``,
     on the convolutions and linear layers (where the work and the weight bytes are), by operator: a
@@ -169,13 +159,17 @@ def quantize_module(module, args: tuple, calib: list[tuple]) -> tuple:
     (PTE_FORMS): a quantized convolution whose output leaves the delegate for RMSNorm's channel mean came back in
     the wrong layout."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer, _get_module_type_filter,
+                                                                         get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from dcae_edge.autoencoder import RMSNorm2d
 
     config = get_symmetric_quantization_config(is_per_channel=True)
     quantizer = (XNNPACKQuantizer().set_operator_type(torch.ops.aten.conv2d.default, config)
                  .set_operator_type(torch.ops.aten.linear.default, config))
-    quantizer.set_filter_function(lambda node: not inside_rms_norm(node))
+    in_norm = _get_module_type_filter(RMSNorm2d)  # the channel mean's convolution (of squares) stays float
+    quantizer.set_filter_function(lambda node: not in_norm(node))
     with torch.no_grad():
         m = torch.export.export(module, args).module()
         m = prepare_pt2e(m, quantizer)

@@ -100,7 +100,8 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
     assert (inside - before).abs().max() < 1e-5 * before.abs().max()
     assert torch.equal(after, before) and torch.equal(again, before)
-    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average", "downsample", "forward"}
+    swappable = {"project", "value_and_gate", "duplicate_channels", "space_to_channel_average", "channel_average", "downsample", "forward",
+                 "mean_square"}
     assert not any(swappable & set(vars(m)) for m in model.modules())
     with pytest.raises(ValueError, match="unknown graph forms"), graph_forms(model, ("channels_last",)):
         pass
