@@ -10,7 +10,7 @@ import { generate, SamplerError } from "./lib/sampler.js";
 const $ = (id) => document.getElementById(id);
 const state = { bundle: null, info: null, sessions: new Map(), auto: new Map(), ort: ortWasm, backend: "wasm", busy: false,
   gpu: {}, // the WebGPU adapter in use: {name, shaderF16, fallback}
-  backendAuto: false, // the backend was chosen by "auto" (which falls back to WASM if WebGPU cannot load a graph)
+  backendAuto: false, // the backend was chosen by "auto" (which falls back to WASM when WebGPU fails: guarded)
   gpuLost: null }; // why onnxruntime-web's WebGPU device was lost ("destroyed: ..."): its sessions cannot run again
 
 function say(text, kind = "info") {
@@ -30,18 +30,6 @@ function threads() { // threads need cross-origin isolation (COOP/COEP headers f
 }
 
 async function session(graph, asked = $("precision").value || "auto") {
-  try { return await openSession(graph, asked); }
-  catch (e) {
-    if (!(e instanceof GraphLoadError && state.backendAuto && state.backend === "webgpu")) throw e;
-    // auto's WebGPU could not run this graph (a driver, a missing kernel, no device): WASM runs every graph, and the
-    // page says so. An explicitly chosen WebGPU shows the error instead.
-    say(`backend auto: WebGPU on ${state.gpu.name} could not load ${graph} (${e.message}): running on WASM from now on`, "warn");
-    await useBackend("wasm", true);
-    return openSession(graph, asked);
-  }
-}
-
-async function openSession(graph, asked) { // session() without auto's fallback
   const precision = asked === "auto" ? await autoPrecision(graph) : asked;
   const have = state.info.precisions[graph];
   const use = have.includes(precision) ? precision : "fp32";
@@ -57,7 +45,7 @@ async function openSession(graph, asked) { // session() without auto's fallback
   if (asked !== "auto") return state.sessions.get(key);
   return fallingBackToFp32(state.sessions.get(key), use, () => { // auto: an overflow on this input moves the graph to fp32
     state.auto.set(`${graph}/${state.backend}`, "fp32");
-    return openSession(graph, "fp32");
+    return session(graph, "fp32");
   }, () => say(`precision auto: ${graph} at ${use} returned NaN/Inf on this input (an overflow at ${use}): ` +
     "it runs at fp32 from now on", "warn"));
 }
@@ -75,7 +63,7 @@ async function autoPrecision(graph) { // once per graph and backend: remembered,
       `${navigator.userAgent}|${navigator.hardwareConcurrency}|${state.backend === "webgpu" ? state.gpu.name : ""}`);
     const res = await resolveAuto(state.bundle.manifest, graph, state.backend, { key, storage: storage(), device: state.gpu,
       time: async (p) => {
-        try { return await timeSession(await openSession(graph, p), probeFeeds(graph), 3); }
+        try { return await timeSession(await session(graph, p), probeFeeds(graph), 3); }
         catch (e) { say(`precision auto: ${graph} ${p} cannot run here, left out: ${e.message || e}`, "error"); throw e; }
       },
       onTiming: (ps) => { timing = say(`precision auto: timing ${graph} at ${ps.join(" and ")} once on this device…`); } });
@@ -240,11 +228,12 @@ async function deviceLost(why) { // from device.lost, or from a run that failed 
     say(`backend auto: the WebGPU device on ${state.gpu.name} was lost (${why}): running on WASM from now on`, "warn");
     await useBackend("wasm", true);
   } else if (!state.busy) { // (during an action, the action's error says it)
-    say(`the WebGPU device was lost (${why}): reload the page to use WebGPU again, or choose WASM`, "error");
+    say(`the WebGPU device was lost (${why}): ${RELOAD}`, "error");
   }
 }
 
 const LOST = /device (was|is) lost/i;
+const RELOAD = "reload the page to use WebGPU again, or choose WASM";
 
 async function guarded(fn) { // one action at a time; any error becomes a message, the page keeps working
   if (state.busy) { say("busy: wait for the current action to finish", "warn"); return null; }
@@ -253,11 +242,17 @@ async function guarded(fn) { // one action at a time; any error becomes a messag
   try {
     const onGpu = state.backend === "webgpu", auto = state.backendAuto;
     try { return await fn(); }
-    catch (e) {
-      if (!(onGpu && (state.gpuLost || LOST.test(String(e?.message))))) throw e;
-      await deviceLost(state.gpuLost || "lost during a run");
-      if (!auto) throw new BundleError(`the WebGPU device was lost (${state.gpuLost}): reload the page to use WebGPU again, or choose WASM`);
-      return await fn(); // auto: the device went during this action, which runs again on WASM
+    catch (e) { // auto's WebGPU failed (its device lost, or a graph it cannot load): the action runs again on WASM
+      if (onGpu && (state.gpuLost || LOST.test(String(e?.message)))) {
+        await deviceLost(state.gpuLost || "lost during a run");
+        if (!auto) throw new BundleError(`the WebGPU device was lost (${state.gpuLost}): ${RELOAD}`);
+      } else if (onGpu && auto && e instanceof GraphLoadError && state.backend === "webgpu") {
+        say(`backend auto: WebGPU on ${state.gpu.name} could not load ${e.graph} (${e.message}): running on WASM from now on`, "warn");
+        await useBackend("wasm", true);
+      } else {
+        throw e; // (an explicitly chosen WebGPU shows its error)
+      }
+      return await fn();
     }
   }
   catch (e) {

@@ -3,8 +3,10 @@
 // URLs) and in Node (files are paths; fetchFile reads them), with onnxruntime-web in both.
 
 export class BundleError extends Error {}
-// onnxruntime-web could not create a session (the execution provider failed, not the bundle's files)
-export class GraphLoadError extends BundleError {}
+// onnxruntime-web could not create a session of `graph` (the execution provider failed, not the bundle's files)
+export class GraphLoadError extends BundleError {
+  constructor(message, graph) { super(message); this.graph = graph; }
+}
 // a graph returned NaN/Inf: an overflow at a reduced precision (fp16 on a GPU), or a NaN input
 export class NonFiniteOutput extends BundleError {}
 
@@ -112,7 +114,7 @@ export async function openGraph(bundle, graph, precision = "fp32", { ort = null,
   } catch (e) {
     const detail = String(e.message || e).split("\n")[0];
     throw new GraphLoadError(`${graph} ${precision}: onnxruntime-web cannot load it (${/^\d+$/.test(detail)
-      ? `an error inside its WebAssembly, with no message: code ${detail}` : detail})`); // a bare number: a C++ exception
+      ? `an error inside its WebAssembly, with no message: code ${detail}` : detail})`, graph); // a bare number: a C++ exception
   }
   const out = session.outputNames[0];
   return {
