@@ -54,8 +54,9 @@ ARTIFACT_KEYS = ("openvino/fp32", "openvino/fp16w")  # both live in openvino_mod
 # export.graph_forms: the projections as 1x1 convs, GLUMBConv's halves from weight slices, the shortcuts as
 # constant-weight convolutions, pixel_unshuffle(conv3x3) as one strided conv, the block shortcuts inside their
 # convolutions' weights (fewer layout reorders in the CPU plugin; the same values up to rounding, validated
-# against the model's own forms below)
-GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample", "shortcuts_in_weights")
+# against the model's own forms below), and the decoder's output norm where OpenVINO fuses it (f32 inside under bf16)
+GRAPH_FORMS = ("pointwise_projections", "glu_halves", "shortcut_convolutions", "strided_downsample", "shortcuts_in_weights",
+               "fused_output_norm")
 
 
 def frontend_extensions() -> list:

@@ -53,7 +53,7 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         # export.graph_forms: no Transposes around the attention projections, no channel split in GLUMBConv
         # (what is left to split is attention's q/k/v), no Tile in the shortcuts
         forms = (["pointwise_projections", "glu_halves", "shortcut_convolutions"] + ["strided_downsample"] * (graph == "vae_encoder")
-                 + ["shortcuts_in_weights"])
+                 + ["shortcuts_in_weights"] + ["fused_output_norm"] * (graph == "vae_decoder"))
         assert m["graphs"][graph]["artifacts"]["openvino/fp32"]["graph_forms"] == forms
         # shortcuts_in_weights took the blocks' shortcuts it folds into their convs' weights: the shortcut
         # convolutions left are the others' and the latent's (the decoder's input copy, the encoder's output average)
@@ -62,7 +62,13 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
         assert len(kept) < sum(1 for m in half.modules() if shortcut_convolution(m)), graph  # some folded
         assert len(shortcut_convolutions(openvino.Core().read_model(str(out / graph / "openvino_model.xml")))) == len(kept), graph
         moved = re.findall(r'name="([^"]+)" type="(?:Transpose|VariadicSplit|Split|Tile)"', xml)
-        assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved), (graph, moved)
+        # ... but the two around the decoder's output norm (graph form fused_output_norm)
+        assert sum("norm_out" in n for n in moved) == 2 * (graph == "vae_decoder"), (graph, moved)
+        assert all(n.endswith("attn/prim::ListUnpack/VariadicSplit") for n in moved if "norm_out" not in n), (graph, moved)
+        # ... which the CPU plugin fuses into its RMS op (f32 inside, also under bf16); the blocks' norms stay unfused
+        runtime = openvino.Core().compile_model(str(out / graph / "openvino_model.xml"), "CPU").get_runtime_model()
+        fused = [op for op in runtime.get_ops() if op.get_rt_info()["layerType"].astype(str) == "RMS"]
+        assert len(fused) == (graph == "vae_decoder"), (graph, [op.get_friendly_name() for op in fused])
         means = re.findall(r'name="([^"]+)" type="ReduceMean"', xml)  # the RMSNorms' only: no shortcut average
         assert means and all(".norm" in n for n in means), (graph, means)
     assert m["graphs"]["transformer"]["artifacts"]["openvino/fp32"]["graph_forms"] == []  # no block to swap: none recorded
@@ -72,7 +78,7 @@ def test_openvino_all_graphs_within_onnx_tolerance(f64_files):
 def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_fn):
     """export.graph_forms (OpenVINO's 1x1-conv projections, GLUMBConv halves from weight slices, shortcuts as
     constant-weight convolutions, conv3x3 + pixel_unshuffle as one strided conv, block shortcuts in their convs'
-    weights; ExecuTorch's RMSNorm channel mean as a convolution): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut switched, and afterwards
+    weights, the decoder's output norm channels-last; ExecuTorch's RMSNorm channel mean as a convolution): the same values as the model's own forms, every LiteMLA/GLUMBConv/shortcut switched, and afterwards
     (also after a failure inside) the model is the one ExecuTorch and ONNX export, bit for bit."""
     import torch
 
@@ -94,7 +100,7 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
     folded = [m for m in model.modules() if folds_shortcut(m)]
     norms = sum(isinstance(m, RMSNorm2d) for m in model.modules())
     assert norms and switched == sum(isinstance(m, (LiteMLA, GLUMBConv)) for m in model.modules()) + len(shortcuts) \
-        + len(unshuffles) + len(folded) + norms
+        + len(unshuffles) + len(folded) + norms + 1  # + the decoder's output norm, channels-last
     assert {type(m).__name__ for m in folded} == ({"UpBlock", "DownBlock"} if cfg_fn is tiny_edge_f64 else {"DownBlock"})
     assert bool(unshuffles) == (cfg_fn is tiny_edge_f64)
     assert {type(m).__name__ for m in shortcuts} >= {"UpBlock", "DownBlock"} and any(isinstance(m, LiteMLA) for m in model.modules())
