@@ -65,6 +65,28 @@ def test_full_range_int8_is_not_picked_where_it_saturates(monkeypatch, capsys):
     assert P.gated(ov, "vae_decoder", "openvino") == ["fp32", "int8"]
 
 
+def test_a_onednn_isa_cap_takes_its_flags_away_and_names_itself_in_the_cpu_key(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 runs an AMX Xeon's OpenVINO on AVX-512 kernels: auto must not time or cache
+    that process under the full CPU's key, nor count on flags the capped kernels do not use."""
+    from dcae_edge import cpu
+
+    amx = "flags : fpu sse2 avx2 avx_vnni avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8"
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: ("model name : Intel(R) Xeon(R) Processor", amx))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    full = cpu.cpu_key()
+    assert "AMX" in full and "capped" not in full and cpu.has_fast_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert cpu.cpu_flags() == {"fpu", "sse2", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+    assert cpu.cpu_key() != full and cpu.cpu_isa().endswith("; no AMX; oneDNN capped at AVX512_CORE_BF16")
+    assert cpu.has_fast_bf16()  # AVX512-BF16 still
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu.cpu_flags() == {"fpu", "sse2", "avx2"} and not cpu.has_fast_bf16()
+    assert cpu.cpu_isa() == "AVX2; no AVX-512, VNNI, bf16 or AMX; oneDNN capped at AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # oneDNN's own "no cap", like an unknown value
+    assert cpu.cpu_key() == full
+
+
 def test_fastest_gated_artifact_is_picked_from_injected_timings():
     m = manifest_with({"fp32": True, "fp16": True, "int8": True})
     allowed = P.gated(m, "vae_decoder", "onnxruntime")
