@@ -53,7 +53,7 @@ def optimum_irs(ae, out: Path) -> dict[str, Path]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=Path("exports/f64"))
     ap.add_argument("--weights", default="f64", help="the bundle's autoencoder (a variant name or checkpoint) for torch and optimum")
     ap.add_argument("--photos", type=Path, nargs="+", default=[Path("data/photos/eval/scikit-image"), Path("data/photos/eval/opencv-doc")])
@@ -61,6 +61,11 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("/tmp/dcae-optimum"))
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
+    try:  # before the photos and torch references: a missing optimum-intel says so at once
+        import optimum.exporters.openvino  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"optimum-intel is not importable here ({e}); install it beside the project as this script's "
+                         "docstring says (python scripts/compare_optimum_openvino.py --help)") from None
     import openvino as ov
     import torch
 
