@@ -45,8 +45,8 @@ rounding the decoder's output norm (the last two below):
   ReduceMean, Sqrt and Divide, each output rounded to bf16. This was what kept optimum's IR (diffusers normalizes
   channels-last) ~2 dB closer to torch under bf16. Only that norm counts: on the blocks' norms the fused op gained
   nothing and each costs two Transposes (bundled f64 decoder, bf16, 10 photos at 512², Intel Xeon with AMX: min
-  57.7 -> 59.7 dB PSNR vs torch, optimum's IR 59.6; 15.8 -> 17.5 ms side by side, optimum's 1.35x ours;
-  scripts/compare_optimum_openvino.py).
+  57.7 -> 59.7 dB PSNR vs torch, optimum's IR 59.6; scripts/compare_optimum_openvino.py). The cost, at static
+  shapes as the runtime compiles them: bf16 +7% (the two Transposes), f32 +1.5%, INT8 + bf16 level.
 
 On the bundled f64 at 512² (AMD EPYC, AVX-512 bf16/VNNI, no AMX, 2 threads, OpenVINO performance
 counters) the first two cut the decoder from 39.4 to 32.2 ms in bf16 and 31.9 to 23.5 ms INT8 + bf16, the
