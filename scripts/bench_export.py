@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dcae_edge.cpu import cpu_isa, cpu_model  # noqa: E402
 from dcae_edge.timing import run_measured, time_calls  # noqa: E402
 
 
@@ -51,7 +52,8 @@ def main():
     common = ["--variant", args.variant, "--out", str(bundle), "--resolution", str(args.resolution),
               "--denoiser", "none", "--graphs", *args.graphs] + (["--weights", args.weights] if args.weights else [])
     report = {"variant": args.variant, "weights": args.weights or "bundled", "resolution": args.resolution,
-              "threads": args.threads, "command": "python scripts/bench_export.py " + " ".join(sys.argv[1:])}
+              "threads": args.threads, "cpu": cpu_model(), "isa": cpu_isa(),
+              "command": "python scripts/bench_export.py " + " ".join(sys.argv[1:])}
     wall, rss, rc = run_child([sys.executable, "-m", "export.onnx", *common])
     report["onnx_export"] = {"wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2), "rc": rc}
     if not args.no_openvino and rc == 0:
@@ -106,7 +108,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"Export benchmark: {manifest['autoencoder']['name']} ({report['parameters']:,} parameters, weights "
-             f"{report['weights']}) at {args.resolution}px, {args.threads} threads. Command: `{report['command']}`", "",
+             f"{report['weights']}) at {args.resolution}px, {args.threads} threads, {report['cpu']} ({report['isa']}). "
+             f"Command: `{report['command']}`", "",
              f"ONNX export (all graphs, its own process): {report['onnx_export']['wall_s']} s wall, peak RSS "
              f"{report['onnx_export']['peak_rss_gib']} GiB"
              + (f"; OpenVINO conversion: {report['openvino_export']['wall_s']} s, peak RSS "
