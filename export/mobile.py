@@ -39,10 +39,13 @@ from dcae_edge.compare import compare, describe, passes
 from .bundle import BundleError, bundle_transaction, fresh, package_versions, read_manifest, record_artifact, write_manifest
 from .common import ExportError, ValidationFailed, build_specs, notice, run_cli, summarize, validate, validation_sizes
 
-# export.graph_forms for ExecuTorch's INT8 program: RMSNorm's channel mean as a convolution XNNPACK delegates (without
-# it a quantized output leaving the delegate there comes back in the wrong layout). Not for fp32, which works either
-# way: its larger delegates peaked 61 MB higher (bundled f64 decoder at 512²: 553 vs 492 MB; INT8 543 both ways).
-PTE_FORMS = ("channel_mean_by_convolution",)
+# export.graph_forms for ExecuTorch: both programs take the denoiser's attention written out (SDPA's decomposition
+# leaves a safe-softmax chain outside XNNPACK: a CFG step 8.8 -> 6.0 ms, INT8 6.4 -> 3.7); the INT8 program also RMSNorm's channel
+# mean as a convolution XNNPACK delegates (without it a quantized output leaving the delegate there comes back in the
+# wrong layout). Not the fp32 program, which works either way: its larger delegates peaked 61 MB higher (bundled f64
+# decoder at 512²: 553 vs 492 MB; INT8 543 both ways).
+PTE_FORMS = ("softmax_attention",)
+PTE_INT8_FORMS = PTE_FORMS + ("channel_mean_by_convolution",)
 
 INT8_GATES = {"vae_encoder": {"min_cosine": 0.99}, "vae_decoder": {"min_psnr": 32.0}, "transformer": {"min_cosine": 0.99}}
 
@@ -156,7 +159,7 @@ def quantize_module(module, args: tuple, calib: list[tuple]) -> tuple:
     tests the weight and bias nodes, which carry no module stack (only the linear layers were quantized, and
     the int8 decoder program was 7% smaller than fp32). Quantizing every op (adds, matmuls of the linear
     attention) builds programs the XNNPACK runtime refuses (NotSupported). Run inside ExecuTorch's graph forms
-    (PTE_FORMS): a quantized convolution whose output leaves the delegate for RMSNorm's channel mean came back in
+    (PTE_INT8_FORMS): a quantized convolution whose output leaves the delegate for RMSNorm's channel mean came back in
     the wrong layout."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer, _get_module_type_filter,
@@ -401,7 +404,9 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
     ex_args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     print(f"\n  [{spec.name}] ExecuTorch XNNPACK fp32 ...", flush=True)
     path = gdir / "model.pte"
-    info = lower_to_pte(spec.module, ex_args, path)
+    with graph_forms(spec.module, PTE_FORMS):  # traced in these forms; validated against the model's own
+        info = lower_to_pte(spec.module, ex_args, path)
+    info["graph_forms"] = forms_in(spec.module, PTE_FORMS)
     runner = PteRunner(path, spec.input_names)
     info["validation"] = validate(spec, runner, [sizes], "fp32", "ExecuTorch fp32")
     if info["ops_outside_delegate"]:
@@ -413,12 +418,12 @@ def export_pte(spec, gdir: Path, stage: Path, m: dict, args) -> list[str]:
         return failures
     print(f"  [{spec.name}] ExecuTorch XNNPACK int8 (calibrating on {args.num_calibration} real inputs) ...", flush=True)
     calib = calibration_feeds(spec, m, args.num_calibration, held_out=False)
-    with graph_forms(spec.module, PTE_FORMS):  # traced in these forms; validated against the model's own
+    with graph_forms(spec.module, PTE_INT8_FORMS):
         qmod, qinfo = quantize_module(spec.module, ex_args,
                                       [tuple(torch.from_numpy(f[n]) for n in spec.input_names) for f in calib])
     qpath = gdir / "model_int8.pte"
     info8 = lower_to_pte(qmod, ex_args, qpath)
-    info8.update(qinfo, graph_forms=forms_in(spec.module, PTE_FORMS))
+    info8.update(qinfo, graph_forms=forms_in(spec.module, PTE_INT8_FORMS))
     held = calibration_feeds(spec, m, args.num_eval, held_out=True, seed=99)
     info8["validation"] = validate_gate(spec, PteRunner(qpath, spec.input_names), held, INT8_GATES[spec.name],
                                         "ExecuTorch int8 (held-out)")

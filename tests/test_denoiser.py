@@ -39,6 +39,26 @@ def test_sampling_is_deterministic_for_a_seed(arch, prediction):
     assert a.shape == (2, 8, 4, 4) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("arch", ["dit", "uvit"])
+def test_softmax_attention_form_is_the_models_attention(arch):
+    """export.graph_forms' softmax_attention (ExecuTorch: SDPA's decomposition left its safe-softmax chain outside
+    XNNPACK) computes what the model's scaled_dot_product_attention does, and leaves the model as it was."""
+    from dcae_edge.denoiser import Attention
+    from export.graph_forms import graph_forms
+
+    model = tiny_denoiser(input_size=4, in_channels=8, arch=arch, num_heads=2).eval()
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([10.0, 500.0]), torch.tensor([0, 2])
+    with torch.no_grad():
+        before = model(x, t, y)
+        with graph_forms(model, ("softmax_attention",)) as switched:
+            inside = model(x, t, y)
+        after = model(x, t, y)
+    assert switched == sum(isinstance(m, Attention) for m in model.modules()) > 0
+    assert (inside - before).abs().max() <= 1e-5 * before.abs().max() and torch.equal(after, before)
+    assert not any("attend" in vars(m) for m in model.modules())
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -74,9 +74,13 @@ def test_ort_and_pte_artifacts_are_validated_and_listed(mobile_bundle):
         # its convolutions' weights are int8 too (a module-type filter once left them all fp32: 7% smaller)
         size = {k: (mobile_bundle / m["graphs"][graph]["artifacts"][k]["files"][0]).stat().st_size for k in ("pte/fp32", "pte/int8")}
         assert size["pte/int8"] < 0.55 * size["pte/fp32"], (graph, size, art["int8_weight_tensors"])
-        # traced with RMSNorm's channel mean as a convolution (inside XNNPACK); the fp32 program in the model's forms
-        assert art["graph_forms"] == ([] if graph == "transformer" else ["channel_mean_by_convolution"]), art["graph_forms"]
-        assert "graph_forms" not in m["graphs"][graph]["artifacts"]["pte/fp32"]
+        # both programs traced with the denoiser's attention written out, the int8 one also with RMSNorm's channel
+        # mean as a convolution (inside XNNPACK)
+        fp32 = m["graphs"][graph]["artifacts"]["pte/fp32"]
+        assert fp32["graph_forms"] == (["softmax_attention"] if graph == "transformer" else []), fp32["graph_forms"]
+        assert art["graph_forms"] == (["softmax_attention"] if graph == "transformer" else ["channel_mean_by_convolution"]), art["graph_forms"]
+        # no safe-softmax chain of SDPA's decomposition left outside the delegate
+        assert not set(fp32["ops_outside_delegate"]) & {"aten.any.dim", "aten.where.self", "aten.logical_not.default"}, fp32
     cfg = (mobile_bundle / "mobile" / "required_operators_and_types.config").read_text()
     assert "ai.onnx;" in cfg and "/tmp" not in cfg and str(mobile_bundle.parent) not in cfg
     assert "Conv" in cfg and (mobile_bundle / "mobile" / "usability-vae_decoder.txt").read_text().strip()
