@@ -39,12 +39,14 @@ from rounding the decoder's output norm (the last three below):
   GLUMBConv and attention block in two (bundled f64 decoder: 37 delegates -> 28); and a quantized convolution
   whose output left the delegate there came back in the wrong layout (ExecuTorch 1.4: "Attempted to resize a
   static tensor. Expected shape (1, 256, 2, 2), but received (1, 2, 256, 2)"). Same sums up to rounding.
-* ``softmax_attention`` (ExecuTorch's): the denoiser's attention as softmax(q k^T / sqrt(d)) v written out.
-  torch.export decomposes scaled_dot_product_attention with a "safe softmax" for fully masked rows (eq, logical_not,
-  any, full_like, where per block) and scales q and k apart (mul.Scalar), all outside XNNPACK. Written out, the
-  bundled transformer's programs keep 75 ops outside the delegate instead of 131, and a CFG step (batch 2) takes
-  6.0 instead of 8.8 ms in fp32, 3.7 instead of 6.4 ms in INT8 (Intel Xeon with AMX, 2 threads); no mask is ever
-  passed, so the two are the same function.
+* ``softmax_attention`` and ``layer_norm_by_means`` (ExecuTorch's): the denoiser's attention as softmax(q k^T /
+  sqrt(d)) v written out with 3-D batched matmuls, and its LayerNorms as means over the last two axes of a trailing-1
+  view. torch.export decomposes scaled_dot_product_attention with a "safe softmax" for fully masked rows (eq,
+  logical_not, any, full_like, where per block) and scales q and k apart (mul.Scalar); a 4-D matmul becomes expand +
+  bmm; and XNNPACK takes neither native_layer_norm nor a mean over one axis of a 3-D tensor: all of that ran outside
+  the delegate. With both forms the bundled transformer's fp32 program keeps 32 ops outside instead of 131 (10
+  delegates instead of 39), and a CFG step (batch 2) takes 4.6 instead of 8.8 ms (Intel Xeon with AMX, 2 threads);
+  no mask is ever passed, so the attention is the same function.
 * ``fused_output_norm`` (OpenVINO's; a precision form, not a layout one): the decoder's last RMSNorm, the one
   right before the output convolution, on a channels-last view. OpenVINO fuses a norm over the last axis into one
   RMS op that computes in f32 inside, also under the bf16 hint; over the channels of NCHW it stays Power,
@@ -100,8 +102,22 @@ def mean_square_by_convolution(mean_weight: torch.Tensor, x: torch.Tensor) -> to
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """scaled_dot_product_attention without a mask, written out."""
-    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+    """scaled_dot_product_attention without a mask, written out with 3-D batched matmuls (a 4-D ``@`` is exported
+    as expand + bmm, and the expands ran outside XNNPACK)."""
+    b, h, n, d = q.shape
+    scores = torch.bmm((q * d ** -0.5).reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * h, n, d)).reshape(b, h, n, d)
+
+
+def layer_norm_by_means(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm over the last axis as means over the last two axes of a trailing-1 view (XNNPACK reduces over
+    those), centred first as LayerNorm's own two-pass variance is."""
+    x4 = x.unsqueeze(-1)
+    centred = x4 - x4.mean(dim=(-2, -1), keepdim=True)
+    y = (centred * torch.rsqrt((centred * centred).mean(dim=(-2, -1), keepdim=True) + norm.eps)).reshape(x.shape)
+    if norm.weight is not None:
+        y = y * norm.weight
+    return y + norm.bias if norm.bias is not None else y
 
 
 def rms_norm_channels_last(norm: RMSNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +263,8 @@ FORMS: dict[str, Callable[[nn.Module], tuple[str, Callable] | None]] = {
     "channel_mean_by_convolution": lambda m: ("mean_square", functools.partial(
         mean_square_by_convolution, channel_mean_weight(m))) if isinstance(m, RMSNorm2d) else None,
     "softmax_attention": lambda m: ("attend", softmax_attention) if isinstance(m, Attention) else None,
+    "layer_norm_by_means": lambda m: ("forward", functools.partial(layer_norm_by_means, m))
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 else None,
     "fused_output_norm": lambda m: ("norm_out.forward", functools.partial(rms_norm_channels_last, m.norm_out))
     if isinstance(m, Decoder) and isinstance(m.norm_out, RMSNorm2d) else None,
     "shortcuts_in_weights": lambda m: ("forward", functools.partial(
