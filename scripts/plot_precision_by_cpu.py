@@ -46,12 +46,12 @@ def main(argv=None):
         isa = r.get("isa") or isa_for.get(str(path)) or "ISA not recorded"
         reports.append((r["cpu"].replace("(R)", "").replace(" Processor", "") + "\n" + short_isa(isa), r["rows"]))
     fig, axes = plt.subplots(1, len(GRAPHS), figsize=(6 * len(GRAPHS), 5.5))
+    width = 0.8 / len(COLORS)
     for ax, graph in zip(axes, GRAPHS):
         for i, (label, rows) in enumerate(reports):
-            timed = [r for r in rows if r["graph"] == graph and "median_ms" in r and (r["backend"], r["precision"]) in COLORS]
-            width = 0.8 / max(len(COLORS), 1)
+            timed = {(r["backend"], r["precision"]): r for r in rows if r["graph"] == graph and "median_ms" in r}
             for j, key in enumerate(COLORS):
-                row = next((r for r in timed if (r["backend"], r["precision"]) == key), None)
+                row = timed.get(key)
                 if row is None:
                     continue
                 ax.bar(i + (j - len(COLORS) / 2 + 0.5) * width, row["median_ms"], width, color=COLORS[key],
