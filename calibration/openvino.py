@@ -16,6 +16,12 @@
   first layer fixed and passed with all of them; the gate measured on any CPU then holds on every CPU.
   (Depthwise convolutions keep 8-bit weights: NNCF leaves them out, they add no pairs of products.)
 
+Every quantization is parked in the work folder as an IR the moment NNCF returns it (the attempt holds its
+path): a model in memory keeps the source IR it was quantized from mapped, so the paper-size f64c128 decoder's
+second quantization (the latency mix) ran beside the first one's 1.65 GB of source weights and its INT8
+constants (peak RSS 8.5 GiB, Intel Xeon with AMX; one quantization alone peaks at 6.7). Runs compile from the
+path; the artifact is a copy of the parked files.
+
 The IR is saved without fp16 compression, so NNCF's quantized weights are stored as int8
 constants (a quarter of the fp32 .bin). Gates run the INT8 IR with INFERENCE_PRECISION_HINT=f32,
 so they measure the INT8 error alone; the same gate is then run with the bf16 hint for the float
@@ -29,6 +35,7 @@ import collections
 import contextlib
 import io
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,8 +79,19 @@ def consumers(fq) -> list:
     return [t.get_node() for t in fq.output(0).get_target_inputs() if t.get_node().get_type_name() != "Result"]
 
 
+def as_model(model):
+    """An ov.Model, read from an IR path if that is what ``model`` is (a parked attempt)."""
+    if hasattr(model, "get_ops"):
+        return model
+    import openvino as ov
+
+    return ov.Core().read_model(str(model))
+
+
 def quantized_ops(model) -> set[str]:
-    """Friendly names of the ops a FakeQuantize feeds (NNCF's ignored_scope takes these names)."""
+    """Friendly names of the ops a FakeQuantize feeds (NNCF's ignored_scope takes these names); ``model``: an
+    ov.Model or an IR path."""
+    model = as_model(model)
     return {c.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize" for c in consumers(op)}
 
 
@@ -83,7 +101,9 @@ def op_costs(node_ms: dict[tuple[str, str, str], float], model) -> dict[str, flo
     the layout reorders into it or into them. An INT8 op's quantize step does not fuse into a producer
     with other readers (the residual stream, attention's split): it then runs alone in f32 between a
     bf16-to-f32 and an i8 reorder, which cost more than INT8 saved on the bundled f64 decoder's narrow
-    convolutions (a reorder is named ``<producer>_<formats>_<consumer>``, so it is charged to its consumer)."""
+    convolutions (a reorder is named ``<producer>_<formats>_<consumer>``, so it is charged to its consumer).
+    ``model``: an ov.Model or an IR path."""
+    model = as_model(model)
     ops = set()
     feeds_into: dict[str, list[str]] = {}  # FakeQuantize name -> the quantized ops it feeds
     for fq in (op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"):
@@ -159,7 +179,7 @@ class OpenVinoBackend(Backend):
         return ov_runner(self.core, attempt.handle, self._outputs(graph), "bf16")
 
     def fp32_runner(self, graph: str):
-        return self._runner(graph, self._read(graph))
+        return self._runner(graph, str(self.source_files(graph)[0]))
 
     def prepare(self, graph: str, calib: FeedSet) -> None:
         self.feeds[graph] = calib.feeds
@@ -189,7 +209,18 @@ class OpenVinoBackend(Backend):
         counts = ir_counts(model)
         if not counts["FakeQuantize"]:
             raise CalibrationError(f"{graph}: NNCF inserted no FakeQuantize ({counts}); nothing would run in INT8")
-        return Attempt(run=self._runner(graph, model), counts=counts, excluded=list(excluded), handle=model)
+        xml = self._park(graph, model)
+        return Attempt(run=self._runner(graph, xml), counts=counts, excluded=list(excluded), handle=xml)
+
+    def _park(self, graph: str, model) -> str:
+        """``model`` saved as the next IR in the work folder (see the module docstring): its path."""
+        import openvino as ov
+
+        folder = self.work / graph
+        folder.mkdir(parents=True, exist_ok=True)
+        xml = folder / f"int8-{len(list(folder.glob('int8-*.xml')))}.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        return str(xml)
 
     def quantize(self, graph: str, excluded: list[str]) -> Attempt:
         import nncf
@@ -201,7 +232,7 @@ class OpenVinoBackend(Backend):
         return self._attempt(graph, q, excluded)
 
     def rank(self, graph: str, attempt: Attempt, feeds: list[dict]) -> list[Candidate]:
-        model = attempt.handle.clone()
+        model = as_model(attempt.handle)  # read afresh: outputs are added to it
         sqnr: dict[str, tuple[float, str]] = {}  # FakeQuantize name -> (SQNR, what it quantizes)
         acts = []
         for fq in (op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"):
@@ -291,7 +322,7 @@ class OpenVinoBackend(Backend):
 
     def float_attempt(self, graph: str) -> Attempt:
         """The float IR INT8 came from, as graph_ms times it (at the default hint: bf16 where the CPU has it)."""
-        return Attempt(run=None, counts={}, excluded=[], handle=self._read(graph))
+        return Attempt(run=None, counts={}, excluded=[], handle=str(self.source_files(graph)[0]))
 
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs at the default hint, measured in interleaved rounds (on a shared
@@ -311,7 +342,7 @@ class OpenVinoBackend(Backend):
         in float."""
         hint = self.default_hint()
         feeds = self.feeds[graph][0]
-        t_float, t_int8 = self.layer_times([self._read(graph), attempt.handle], feeds, hint)
+        t_float, t_int8 = self.layer_times([str(self.source_files(graph)[0]), attempt.handle], feeds, hint)
         rows, slow = [], []
         for name in sorted(quantized_ops(attempt.handle)):
             f, q = t_float.get(name), t_int8.get(name)
@@ -324,13 +355,13 @@ class OpenVinoBackend(Backend):
         return slow, rows
 
     def save(self, graph: str, attempt: Attempt, gdir: Path) -> list[Path]:
-        import openvino as ov
-
         xml = gdir / self.filename
         files = [xml, xml.with_suffix(".bin")]
         for f in files:  # staging hard-links the live bundle: replace files, never rewrite them in place
             f.unlink(missing_ok=True)
-        ov.save_model(attempt.handle, str(xml), compress_to_fp16=False)
+        parked = Path(attempt.handle)
+        shutil.copyfile(parked, xml)
+        shutil.copyfile(parked.with_suffix(".bin"), xml.with_suffix(".bin"))
         attempt.counts.update(ir_counts(self.core.read_model(str(xml))))  # what the saved IR holds
         return files
 

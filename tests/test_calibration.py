@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,8 @@ def test_latency_aware_mix_keeps_slow_ops_in_float_and_the_gates(copy, data_dir,
     real = OpenVinoBackend.latency_exclusions
 
     def fake(self, graph, attempt):
+        # the attempt is parked as an IR in the work folder: no ov.Model (nor the source it maps) held between passes
+        assert isinstance(attempt.handle, str) and Path(attempt.handle).with_suffix(".bin").is_file(), attempt.handle
         slow, rows = real(self, graph, attempt)
         chosen = sorted(quantized_ops(attempt.handle))[:2]
         return chosen, [{**r, "int8": r["node"] not in chosen} for r in rows]
