@@ -41,8 +41,9 @@ def test_sampling_is_deterministic_for_a_seed(arch, prediction):
 
 @pytest.mark.parametrize("arch", ["dit", "uvit"])
 def test_executorch_forms_are_the_models_attention_and_layer_norms(arch):
-    """export.graph_forms' softmax_attention and layer_norm_by_means (ExecuTorch: SDPA's decomposition, 4-D matmuls
-    and native_layer_norm ran outside XNNPACK) compute what the model does, and leave the model as it was."""
+    """export.graph_forms' softmax_attention, qkv_slices and layer_norm_by_means (ExecuTorch: SDPA's decomposition,
+    4-D matmuls, the q/k/v selects and native_layer_norm ran outside XNNPACK) compute what the model does, and leave
+    the model as it was."""
     from torch import nn
 
     from dcae_edge.denoiser import Attention
@@ -53,12 +54,12 @@ def test_executorch_forms_are_the_models_attention_and_layer_norms(arch):
     t, y = torch.tensor([10.0, 500.0]), torch.tensor([0, 2])
     with torch.no_grad():
         before = model(x, t, y)
-        with graph_forms(model, ("softmax_attention", "layer_norm_by_means")) as switched:
+        with graph_forms(model, ("softmax_attention", "qkv_slices", "layer_norm_by_means")) as switched:
             inside = model(x, t, y)
         after = model(x, t, y)
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     assert norms and any(m.weight is None for m in norms) == (arch == "dit")  # DiT's adaLN norms have no affine
-    assert switched == sum(isinstance(m, Attention) for m in model.modules()) + len(norms)
+    assert switched == 2 * sum(isinstance(m, Attention) for m in model.modules()) + len(norms)
     assert (inside - before).abs().max() <= 1e-5 * before.abs().max() and torch.equal(after, before)
     assert not any({"attend", "forward"} & set(vars(m)) for m in model.modules())
 

@@ -77,12 +77,13 @@ def test_ort_and_pte_artifacts_are_validated_and_listed(mobile_bundle):
         # both programs traced with the denoiser's attention written out, the int8 one also with RMSNorm's channel
         # mean as a convolution (inside XNNPACK)
         fp32 = m["graphs"][graph]["artifacts"]["pte/fp32"]
-        dn_forms = ["softmax_attention", "layer_norm_by_means"]
+        dn_forms = ["softmax_attention", "layer_norm_by_means", "qkv_slices"]
         assert fp32["graph_forms"] == (dn_forms if graph == "transformer" else []), fp32["graph_forms"]
         assert art["graph_forms"] == (dn_forms if graph == "transformer" else ["channel_mean_by_convolution"]), art["graph_forms"]
         # no safe-softmax chain of SDPA's decomposition, matmul expand or LayerNorm left outside the delegate
         assert graph != "transformer" or not set(fp32["ops_outside_delegate"]) & {
-            "aten.any.dim", "aten.where.self", "aten.logical_not.default", "aten.expand_copy.default", "aten.native_layer_norm.default"}, fp32
+            "aten.any.dim", "aten.where.self", "aten.logical_not.default", "aten.expand_copy.default", "aten.native_layer_norm.default",
+            "aten.select_copy.int"}, fp32
     cfg = (mobile_bundle / "mobile" / "required_operators_and_types.config").read_text()
     assert "ai.onnx;" in cfg and "/tmp" not in cfg and str(mobile_bundle.parent) not in cfg
     assert "Conv" in cfg and (mobile_bundle / "mobile" / "usability-vae_decoder.txt").read_text().strip()
