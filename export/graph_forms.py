@@ -2,8 +2,8 @@
 idea of optimum's ModelPatcher): same weights, same graph I/O, the same values up to float rounding.
 
 The model keeps the forms every backend lowers well. Five of them cost OpenVINO's CPU plugin layout
-work it does not need, four leave ops outside ExecuTorch's XNNPACK delegate, and one keeps OpenVINO's bf16
-from rounding the decoder's output norm (the last four bullets below):
+work it does not need, five leave ops outside ExecuTorch's XNNPACK delegate, and one keeps OpenVINO's bf16
+from rounding the decoder's output norm (the last five bullets below):
 
 * ``pointwise_projections``: LiteMLA's q/k/v and output projections are Linear layers on a
   channels-last view (two permutes around a MatMul, as in diffusers); as 1x1 convolutions on NCHW
@@ -51,6 +51,11 @@ from rounding the decoder's output norm (the last four bullets below):
   of indexing its [3, b, heads, n, d] permute, which exports as select_copy, outside XNNPACK (three per block, each a
   boundary between delegates). The bundled transformer's fp32 program: 3 delegates instead of 10, 11 ops outside
   instead of 32, a CFG step 4.70-4.93 instead of 4.82-5.06 ms (three interleaved rounds, Intel Xeon with AMX).
+* ``glu_slices`` (ExecuTorch's fp32 programs): GLUMBConv's value and gate as two channel slices instead of ``chunk``
+  (a split_with_sizes_copy outside XNNPACK in every block). Bundled f64 at 512², Intel Xeon with AMX, 2 threads:
+  decoder 35 -> 31 delegates, 105.8 -> 96.9 ms, encoder 108.4 -> 100.3 ms, peak RSS +15-21 MB (the decoder, of ~500);
+  bit for bit the same values. The INT8 programs do not take it: ExecuTorch 1.4 aborted loading such an INT8
+  encoder (heap corruption in load_method).
 * ``fused_output_norm`` (OpenVINO's; a precision form, not a layout one): the decoder's last RMSNorm, the one
   right before the output convolution, on a channels-last view. OpenVINO fuses a norm over the last axis into one
   RMS op that computes in f32 inside, also under the bf16 hint; over the channels of NCHW it stays Power,
@@ -98,6 +103,14 @@ def glu_halves(block: GLUMBConv, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return F.conv2d(y, dw.weight[part], dw.bias[part], padding=dw.padding, groups=hidden)
 
     return half(slice(0, hidden)), half(slice(hidden, 2 * hidden))
+
+
+def glu_slices(block: GLUMBConv, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLUMBConv.value_and_gate with the halves cut as two channel slices (``chunk`` exports as
+    split_with_sizes_copy, which XNNPACK does not take)."""
+    y = block.conv_depth(F.silu(block.conv_inverted(x)))
+    half = y.shape[1] // 2
+    return y[:, :half], y[:, half:]
 
 
 def mean_square_by_convolution(mean_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -272,6 +285,7 @@ def shortcut_convolution(m: nn.Module) -> tuple[str, Callable] | None:
 FORMS: dict[str, Callable[[nn.Module], tuple[str, Callable] | None]] = {
     "pointwise_projections": lambda m: ("project", pointwise) if isinstance(m, LiteMLA) else None,
     "glu_halves": lambda m: ("value_and_gate", functools.partial(glu_halves, m)) if isinstance(m, GLUMBConv) else None,
+    "glu_slices": lambda m: ("value_and_gate", functools.partial(glu_slices, m)) if isinstance(m, GLUMBConv) else None,
     "shortcut_convolutions": shortcut_convolution,
     "strided_downsample": lambda m: ("downsample", functools.partial(strided_downsample, m)) if strides_cheaply(m) else None,
     "channel_mean_by_convolution": lambda m: ("mean_square", functools.partial(

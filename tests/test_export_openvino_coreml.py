@@ -95,6 +95,9 @@ def test_graph_forms_compute_the_model_values_and_leave_the_model_as_it_was(cfg_
         with pytest.raises(RuntimeError, match="tracing failed"), graph_forms(model, ("glu_halves",)):
             raise RuntimeError("tracing failed")
         again = model(x)
+        with graph_forms(model, ("glu_slices",)) as sliced_blocks:  # ExecuTorch's fp32 programs: the same values, bit for bit
+            sliced = model(x)
+    assert sliced_blocks == sum(isinstance(m, GLUMBConv) for m in model.modules()) > 0 and torch.equal(sliced, before)
     shortcuts = [m for m in model.modules() if shortcut_convolution(m)]
     unshuffles = [m for m in model.modules() if strides_cheaply(m)]
     folded = [m for m in model.modules() if folds_shortcut(m)]
