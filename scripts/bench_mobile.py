@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--formats", nargs="+", default=["ort", "pte"])
     args = ap.parse_args()
+    from dcae_edge.cpu import cpu_isa
     from runtimes.precision import cpu_model
 
     manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -69,7 +70,7 @@ def main():
                        "error": None if ok else r["output"].strip().splitlines()[-1][:200]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    report = {"cpu": cpu_model(), "bundle": str(args.bundle), "decoder": manifest["autoencoder"]["name"],
+    report = {"cpu": f"{cpu_model()} ({cpu_isa()})", "bundle": str(args.bundle), "decoder": manifest["autoencoder"]["name"],
               "bundle_resolution": manifest["resolution"], "rows": rows,
               "command": "python scripts/bench_mobile.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
