@@ -179,13 +179,17 @@ class OpenVinoBackend(Backend):
         return ov_runner(self.core, attempt.handle, self._outputs(graph), "bf16")
 
     def fp32_runner(self, graph: str):
-        return self._runner(graph, str(self.source_files(graph)[0]))
+        return self._runner(graph, self._source(graph))
 
     def prepare(self, graph: str, calib: FeedSet) -> None:
         self.feeds[graph] = calib.feeds
 
+    def _source(self, graph: str) -> str:
+        """The float IR INT8 is made from (its path: compiled or read where needed, not held)."""
+        return str(self.source_files(graph)[0])
+
     def _read(self, graph: str):
-        return self.core.read_model(str(self.source_files(graph)[0]))
+        return self.core.read_model(self._source(graph))
 
     def _options(self, graph: str, model, excluded: list[str]) -> tuple[dict, object]:
         """nncf.quantize keyword arguments and advanced parameters."""
@@ -322,7 +326,7 @@ class OpenVinoBackend(Backend):
 
     def float_attempt(self, graph: str) -> Attempt:
         """The float IR INT8 came from, as graph_ms times it (at the default hint: bf16 where the CPU has it)."""
-        return Attempt(run=None, counts={}, excluded=[], handle=str(self.source_files(graph)[0]))
+        return Attempt(run=None, counts={}, excluded=[], handle=self._source(graph))
 
     def graph_ms(self, graph: str, attempts: list[Attempt], rounds: int = 7, runs: int = 3) -> list[float]:
         """Median ms of whole INT8 graphs at the default hint, measured in interleaved rounds (on a shared
@@ -342,9 +346,10 @@ class OpenVinoBackend(Backend):
         in float."""
         hint = self.default_hint()
         feeds = self.feeds[graph][0]
-        t_float, t_int8 = self.layer_times([str(self.source_files(graph)[0]), attempt.handle], feeds, hint)
+        int8 = self.core.read_model(attempt.handle)  # read once: profiled, and its ops named, below
+        t_float, t_int8 = self.layer_times([self._read(graph), int8], feeds, hint)
         rows, slow = [], []
-        for name in sorted(quantized_ops(attempt.handle)):
+        for name in sorted(quantized_ops(int8)):
             f, q = t_float.get(name), t_int8.get(name)
             if not f or not q:
                 continue

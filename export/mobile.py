@@ -42,8 +42,9 @@ from .common import ExportError, ValidationFailed, build_specs, notice, run_cli,
 # export.graph_forms for ExecuTorch: both programs take the denoiser's attention and LayerNorms in forms XNNPACK
 # delegates (SDPA's safe-softmax chain, 4-D matmul expands, the q/k/v selects and native_layer_norm ran outside it).
 # The fp32 program also cuts GLUMBConv's value and gate as two slices (the split ran outside XNNPACK; bundled f64
-# decoder at 512²: 35 -> 31 delegates, 6% faster). Not the INT8 program: ExecuTorch 1.4 aborted loading the INT8
-# encoder traced that way ("malloc(): unsorted double linked list corrupted" in load_method). The INT8 program instead
+# decoder at 512²: 35 -> 31 delegates, 105.8 -> 96.9 ms on an AMX Xeon). Not the INT8 program: ExecuTorch 1.4
+# aborted loading the INT8 encoder traced that way ("malloc(): unsorted double linked list corrupted" in
+# load_method). The INT8 program instead
 # takes RMSNorm's channel mean as a convolution XNNPACK delegates (without it a quantized output leaving the delegate
 # there comes back in the wrong layout). Not the fp32 program, which works either way: its larger delegates peaked
 # 61 MB higher (bundled f64 decoder at 512²: 553 vs 492 MB; INT8 543 both ways).
